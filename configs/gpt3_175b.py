@@ -1,0 +1,30 @@
+"""GPT-3 175B: the GPT-2 architecture at 96 layers x 12288 wide, context 2048.
+
+Published shape (Brown et al. 2020, table 2.1): d_model 12288, 96 layers, 96 heads of 128,
+context 2048, vocabulary 50257: 175B parameters (174,604,259,328 here, dense attention in every
+layer; the paper's alternating locally banded sparse layers change no parameter).
+
+Train on a TPU pod (FSDP over the slice, tensor parallel inside a host):
+    python -m llmjax.main --config=configs/gpt3_175b.py --workdir=gs://BUCKET/gpt3 \
+        --config.mesh.shape="(1,-1,8)"
+On a laptop CPU, the same architecture shrunk:
+    python -m llmjax.main --config=configs/gpt3_175b.py:runlocal --workdir=/tmp/gpt3_local
+"""
+
+from llmjax.config import base_config, parse_arg, runlocal
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, runlocal=False)
+    c = base_config()
+    c.model.update(vocab_size=50257, d_model=12288, num_layers=96, num_heads=96, mlp_dim=49152,
+                   max_len=2048, position="learned", norm="layernorm", activation="gelu",
+                   use_bias=True, tie_embeddings=True, dtype="bfloat16", remat_policy="full")
+    c.seq_len = 2048
+    c.batch_size = 1536  # 3.2M tokens, as the paper
+    c.total_steps = 95_000
+    c.mesh.shape = (1, -1, 8)
+    c.optim.update(learning_rate=0.6e-4, warmup_steps=375, schedule="cosine", weight_decay=0.1)
+    if arg.runlocal:
+        runlocal(c)
+    return c

@@ -1,0 +1,27 @@
+"""GPT-2 medium (355M): learned positions, LayerNorm with bias, GELU MLP, biases, tied embeddings.
+
+Published shape: d_model 1024, 24 layers, 16 heads, context 1024, vocabulary 50257:
+354,823,168 parameters.
+
+Train (a TPU VM or GPU node; the mesh fills the devices, data-parallel first):
+    python -m llmjax.main --config=configs/gpt_medium.py --workdir=/tmp/gpt_medium
+On a laptop CPU, the same architecture shrunk to run in minutes:
+    python -m llmjax.main --config=configs/gpt_medium.py:runlocal --workdir=/tmp/gpt_medium_local
+"""
+
+from llmjax.config import base_config, parse_arg, runlocal
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, runlocal=False)
+    c = base_config()
+    c.model.update(vocab_size=50257, d_model=1024, num_layers=24, num_heads=16, mlp_dim=4096,
+                   max_len=1024, position="learned", norm="layernorm", activation="gelu",
+                   use_bias=True, tie_embeddings=True, norm_eps=1e-5)
+    c.seq_len = 1024
+    c.batch_size = 512  # ~0.5M tokens a step, as GPT-2/3 at this size
+    c.total_steps = 100_000
+    c.optim.update(learning_rate=0.0003, warmup_steps=2000, schedule="cosine", weight_decay=0.1)
+    if arg.runlocal:
+        runlocal(c)
+    return c

@@ -1,0 +1,105 @@
+"""The config schema every config file starts from, and helpers for variants.
+
+A config file in configs/ calls `base_config()`, sets its model's published shape, and applies
+`runlocal()` when its arg asks for it. Every key a user may override exists here, so ml_collections'
+locked config rejects a misspelt `--config.key` with a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from llmjax.models import ModelConfig
+from llmjax.sharding import DEFAULT_RULES
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 32  # global, in sequences
+    c.seq_len = 1024
+    c.microbatches = 1  # gradient accumulation: the batch is split into this many micro-batches
+    c.log_every_steps = 10
+    c.eval_every_steps = 200
+    c.eval_steps = 10  # batches per evaluation
+    c.checkpoint_every_steps = 500
+    c.max_to_keep = 3
+    c.async_checkpointing = True
+    c.peak_flops_per_device = 0.0  # 0: look up the device (or measure it, on CPU)
+
+    c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
+    c.model.num_kv_heads = 0  # 0: derived (num_heads); kept 0 so a config that changes heads
+    c.model.head_dim = 0  # gets the derived values, not GPT-2 small's.
+
+    c.data = ml_collections.ConfigDict(dict(
+        name="stdlib",  # stdlib | text | a TFDS catalog name prepared as array_record
+        files="",  # glob(s) of text files, for name='text'
+        data_dir="",  # where built/prepared TFDS datasets live ('' = ~/.cache/llmjax/tfds)
+        text_key="text",
+        split_train="train",
+        split_eval="validation",
+        validation_fraction=0.02,
+        tokenizer="",  # path to a SentencePiece .model; '' trains one into the workdir
+        tokenizer_train_chars=5_000_000,
+        num_workers=0,
+    ))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        name="adamw", learning_rate=6e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+        no_decay=r"(^|/)(bias|scale|embedding)$", grad_clip_norm=1.0, schedule="cosine",
+        warmup_steps=100, min_lr_ratio=0.1, decay_fraction=0.2,
+    ))
+
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor)
+    c.sharding_rules = DEFAULT_RULES
+
+    c.sample = ml_collections.ConfigDict(dict(prompt="def ", max_new_tokens=64, temperature=0.0,
+                                              top_k=0))
+    return c
+
+
+def parse_arg(arg: str | None, **defaults):
+    """big_vision-style variant args: 'runlocal' or 'runlocal,key=value' -> ConfigDict of values
+    typed like the defaults (a bare name sets a bool default to True)."""
+    out = ml_collections.ConfigDict(defaults)
+    for part in filter(None, (arg or "").split(",")):
+        key, _, value = part.partition("=")
+        if key not in defaults:
+            raise ValueError(f"config arg {key!r} is not one of {sorted(defaults)}.")
+        kind = type(defaults[key])
+        if kind is bool:
+            out[key] = value.lower() in ("", "1", "true", "yes")
+        else:
+            out[key] = kind(value)
+    return out
+
+
+def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks any decoder config to train on a laptop CPU in minutes, keeping its architecture
+    (position, norm, activation, bias, tying, grouped-query ratio)."""
+    m = c.model
+    groups = max(1, m.num_heads // (m.num_kv_heads or m.num_heads))
+    m.d_model, m.num_layers, m.num_heads = 128, 4, 4
+    m.num_kv_heads = max(1, 4 // groups)
+    m.head_dim = 0
+    m.mlp_dim = 512 if m.activation == "gelu" else 352  # SwiGLU keeps ~8/3 x d_model, as LLaMA
+    m.vocab_size = 2048
+    m.max_len = 256
+    m.dtype = "float32"
+    m.remat_policy = "none"
+    c.seq_len = 128
+    c.batch_size = 16
+    c.total_steps = 600
+    c.log_every_steps = 50
+    c.eval_every_steps = 200
+    c.eval_steps = 8
+    c.checkpoint_every_steps = 200
+    c.optim.learning_rate = 2e-3
+    c.optim.warmup_steps = 50
+    c.optim.weight_decay = 0.01
+    c.data.tokenizer_train_chars = 3_000_000
+    c.sample.max_new_tokens = 48
+    return c

@@ -1,0 +1,122 @@
+"""Decoder-only transformer: GPT-2/GPT-3 style and LLaMA style from one module.
+
+Call convention (shared by every family):
+    logits = model(tokens, segment_ids=None, positions=None, dropout_key=None)
+tokens, segment_ids, positions: int [batch, length]. Segment ids mark packed documents (0 is
+padding, which nothing attends to); positions restart at 0 in each document. Returns float32
+logits [batch, length, vocab]. Dropout is on only when a `dropout_key` is given.
+
+The `model` config section chooses the style:
+    GPT-2:  position='learned', norm='layernorm', activation='gelu', use_bias=True, tie_embeddings=True
+    LLaMA:  position='rope', norm='rmsnorm', activation='swiglu', use_bias=False, tie_embeddings=False,
+            num_kv_heads < num_heads for grouped-query attention.
+Layers are stacked along a leading `layers` axis and applied with `jax.lax.scan`, so compile time
+does not grow with depth; `remat_policy` wraps the scanned block in `jax.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmjax.models import layers as L
+from llmjax.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def dtype_of(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        # GPT-2 scales the init of the projections that write into the residual stream by
+        # 1/sqrt(2 * layers), so the stream's variance does not grow with depth.
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        norm = dict(eps=cfg.norm_eps, use_bias=cfg.use_bias, rngs=rngs, dtype=dtype, param_dtype=pdtype)
+        self.attn_norm = L.make_norm(cfg.norm, cfg.d_model, **norm)
+        self.attn = L.Attention(cfg, rngs=rngs, out_std=out_std, dtype=dtype, param_dtype=pdtype)
+        self.mlp_norm = L.make_norm(cfg.norm, cfg.d_model, **norm)
+        self.mlp = L.Mlp(cfg, rngs=rngs, out_std=out_std, dtype=dtype, param_dtype=pdtype)
+        self.dropout_rate = cfg.dropout_rate
+
+    def __call__(self, x, mask, positions, key=None):
+        keys = jax.random.split(key, 3) if key is not None else (None,) * 3
+        h = self.attn(self.attn_norm(x), mask, positions, keys[0])
+        x = x + L.dropout(h, self.dropout_rate, keys[1])
+        h = self.mlp(self.mlp_norm(x))
+        x = x + L.dropout(h, self.dropout_rate, keys[2])
+        return constrain(x, ("act_batch", "act_length", "act_embed"))
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        self.token_embed = L.Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), rngs=rngs,
+                                   init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype)
+        if cfg.position == "learned":
+            self.pos_embed = L.Embed(cfg.max_len, cfg.d_model, ("position", "embed"), rngs=rngs,
+                                     init_std=cfg.init_std / 2, dtype=dtype, param_dtype=pdtype)
+        elif cfg.position == "rope":
+            self.pos_embed = None
+        else:
+            raise ValueError(f"model.position={cfg.position!r} is not one of 'learned', 'rope'.")
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs):
+            return DecoderBlock(cfg, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = L.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias,
+                                      rngs=rngs, dtype=dtype, param_dtype=pdtype)
+        self.lm_head = None if cfg.tie_embeddings else L.Linear(
+            (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), use_bias=False, rngs=rngs,
+            init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype)
+
+    def __call__(self, tokens, segment_ids=None, positions=None, dropout_key=None):
+        cfg = self.cfg
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        keys = (jax.random.split(dropout_key, cfg.num_layers + 1) if dropout_key is not None
+                else None)
+
+        x = self.token_embed(tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        x = L.dropout(x, cfg.dropout_rate, None if keys is None else keys[-1])
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        mask = L.attention_mask(segment_ids, segment_ids, causal=True)
+
+        graphdef, stacked = nnx.split(self.layers)
+
+        def block(x, layer):
+            state, key = layer
+            return nnx.merge(graphdef, state)(x, mask, positions, key), None
+
+        policy = REMAT_POLICIES[cfg.remat_policy]
+        if cfg.remat_policy != "none":
+            block = jax.checkpoint(block, policy=policy, prevent_cse=False)
+        x, _ = jax.lax.scan(block, x, (stacked, None if keys is None else keys[:-1]))
+
+        x = self.final_norm(x)
+        if self.lm_head is None:
+            logits = self.token_embed.attend(x)
+        else:
+            logits = self.lm_head(x).astype(jnp.float32)
+        return constrain(logits, ("act_batch", "act_length", "act_vocab"))

@@ -1,0 +1,179 @@
+"""Mesh construction and the logical-axis rules that map names to mesh axes.
+
+Parameters carry logical names (`embed`, `mlp`, `heads`, ...) given where they are created;
+activations carry separate `act_*` names. One rules table, from the config, maps both to the mesh
+axes `data`, `fsdp`, `tensor`. Everything that shards goes through `logical_to_spec`, so there is
+one place that decides what "sharded over tensor" means for a tensor of a given shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd as core_spmd
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Activation names are separate from parameter names: giving the embedding table and the
+# residual stream the same name makes XLA rematerialise the full table at the gather.
+DEFAULT_RULES = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_head_dim", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("position", None),
+)
+
+
+class ShardingError(ValueError):
+    """A config asks for a sharding the devices or the model cannot provide."""
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES):
+        raise ShardingError(
+            f"mesh.shape {shape} must have {len(MESH_AXES)} entries, one per axis {MESH_AXES}.")
+    if shape.count(-1) > 1:
+        raise ShardingError(f"mesh.shape {shape} has more than one -1; at most one axis may fill the rest.")
+    if any(s == 0 or s < -1 for s in shape):
+        raise ShardingError(f"mesh.shape {shape} has an entry that is not positive (or -1).")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ShardingError(
+                f"mesh.shape {shape} cannot fill {num_devices} devices: {num_devices} is not divisible "
+                f"by {known}; set --config.mesh.shape so the product divides the device count.")
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ShardingError(
+            f"mesh.shape {shape} needs {math.prod(shape)} devices but {num_devices} are available; "
+            f"set --config.mesh.shape so the product is {num_devices} (one axis may be -1).")
+    return shape
+
+
+def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
+    devices = jax.devices() if devices is None else list(devices)
+    shape = resolve_mesh_shape(shape, len(devices))
+    # Auto axes: GSPMD propagates shardings from our logical annotations (jax.make_mesh now
+    # defaults to Explicit axes, which reject the embedding gather on a sharded table).
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def rules_from_config(rules: Any) -> tuple:
+    """Normalises a rules table from a config (lists from JSON/CLI become tuples)."""
+    out = []
+    for name, axes in rules:
+        if isinstance(axes, (list, tuple)):
+            axes = tuple(axes) if len(axes) > 1 else (axes[0] if axes else None)
+        out.append((str(name), axes))
+    return tuple(out)
+
+
+def _axis_size(mesh_shape: dict, axes) -> int:
+    if axes is None:
+        return 1
+    if isinstance(axes, str):
+        axes = (axes,)
+    return math.prod(mesh_shape[a] for a in axes)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None, mesh_shape: dict,
+                    rules: tuple) -> P:
+    """PartitionSpec for a tensor with these logical axis names.
+
+    Every name must appear in the rules (an unmapped name would silently be taken as a mesh axis).
+    A dimension that the mapped mesh axes do not divide is replicated instead: GPT-2's vocabulary
+    of 50257 cannot be split over two devices, and replicating one table beats refusing to run.
+    """
+    table = dict(rules)
+    spec, used = [], set()
+    for i, name in enumerate(names):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise ShardingError(f"logical axis {name!r} has no entry in sharding_rules; add "
+                                f"({name!r}, None) to replicate it or name mesh axes for it.")
+        axes = table[name]
+        flat = (axes,) if isinstance(axes, str) else (axes or ())
+        # A mesh axis may shard only one dimension of a tensor; later uses are replicated.
+        flat = tuple(a for a in flat if a not in used and mesh_shape.get(a, 1) > 1)
+        if shape is not None and flat and shape[i] % _axis_size(mesh_shape, flat):
+            flat = ()
+        used.update(flat)
+        spec.append(None if not flat else (flat[0] if len(flat) == 1 else flat))
+    return P(*spec)
+
+
+def _mesh_shape(mesh) -> dict:
+    return dict(zip(mesh.axis_names, mesh.axis_sizes if hasattr(mesh, "axis_sizes")
+                    else mesh.devices.shape))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation, using the mesh and rules of the current context.
+
+    Outside `jax.set_mesh` + `nnx.logical_axis_rules` (a plain single-device call) it does nothing.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = core_spmd.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return x
+    spec = logical_to_spec(names, x.shape, _mesh_shape(mesh), tuple(rules))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def param_shardings(abstract_state: nnx.State, mesh, rules: tuple) -> dict:
+    """A pure dict of NamedShardings, shaped like `nnx.to_pure_dict(abstract_state)`."""
+    mesh_shape = _mesh_shape(mesh)
+    out: dict = {}
+    for path, var in nnx.to_flat_state(abstract_state):
+        names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+        spec = logical_to_spec(names, var.shape, mesh_shape, rules)
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = NamedSharding(mesh, spec)
+    return out
+
+
+def batch_spec(mesh, rules: tuple) -> P:
+    return logical_to_spec(("act_batch", "act_length"), None, _mesh_shape(mesh), rules)
+
+
+def data_parallel_size(mesh, rules: tuple) -> int:
+    """How many ways the batch dimension is split (the batch must divide by it)."""
+    axes = batch_spec(mesh, rules)[0]
+    return _axis_size(_mesh_shape(mesh), axes)
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assembles each process's rows into one global array per key (multi-host safe)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+@contextlib.contextmanager
+def use_mesh(mesh, rules):
+    """The context in which model code is traced: the mesh plus the logical-axis rules."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_from_config(rules)):
+        yield

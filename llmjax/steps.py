@@ -1,0 +1,189 @@
+"""The model, optimizer and train state as pure functions, ready for `jax.jit` on a mesh.
+
+`build(config, mesh)` returns everything the loop, the benchmark and the tests need: abstract
+state with shardings, a sharded initialiser, and the jitted train and eval steps with explicit
+in/out shardings and the state donated. Nothing here reads data or touches the filesystem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llmjax import optim, sharding
+from llmjax.models import ModelConfig, build_model
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
+
+
+def abstract_model(model_cfg: ModelConfig):
+    """(graphdef, abstract nnx.State with logical-axis metadata) without allocating weights."""
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def count_params(model_cfg: ModelConfig) -> dict[str, int]:
+    _, state = abstract_model(model_cfg)
+    total, embedding = 0, 0
+    for path, var in nnx.to_flat_state(state):
+        size = int(jnp.size(var))
+        total += size
+        if path[0] in ("token_embed", "pos_embed", "lm_head"):
+            embedding += size
+    return {"params": total, "non_embedding_params": total - embedding}
+
+
+def flops_per_token(model_cfg: ModelConfig, seq_len: int) -> int:
+    from llmjax.metrics import flops_per_token as fpt
+    return fpt(non_embedding_params=count_params(model_cfg)["non_embedding_params"],
+               vocab_size=model_cfg.vocab_size, d_model=model_cfg.d_model,
+               num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
+               head_dim=model_cfg.head_dim, seq_len=seq_len)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+    """Sums (not means) so micro-batches add up to exactly the large batch's loss."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    correct = (logits.argmax(-1) == targets).astype(jnp.float32)
+    return (ce * weights).sum(), weights.sum(), (correct * weights).sum()
+
+
+@dataclasses.dataclass
+class Built:
+    model_cfg: ModelConfig
+    graphdef: Any
+    tx: optax.GradientTransformation
+    schedule: Callable
+    state_shardings: Any
+    abstract_state: Any  # ShapeDtypeStructs carrying the shardings (for restore)
+    batch_sharding: NamedSharding
+    init: Callable  # () -> sharded state
+    train_step: Callable  # (state, batch) -> (state, metrics)
+    eval_step: Callable  # (params, batch) -> metrics sums
+
+
+def validate(config, mesh, model_cfg: ModelConfig):
+    """Checks that need the mesh, with one-line errors naming the fix (before any compilation)."""
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    tensor = sizes["tensor"]
+    for key, value in (("num_heads", model_cfg.num_heads), ("num_kv_heads", model_cfg.num_kv_heads)):
+        if value % tensor:
+            raise sharding.ShardingError(
+                f"model.{key}={value} is not divisible by the tensor axis ({tensor}); set "
+                f"--config.mesh.shape so its last entry divides {value}.")
+    dp = sharding.data_parallel_size(mesh, tuple(config.sharding_rules))
+    micro = config.microbatches
+    if config.batch_size % micro:
+        raise sharding.ShardingError(
+            f"batch_size={config.batch_size} is not divisible by microbatches={micro}; "
+            "choose a batch_size that is a multiple of microbatches.")
+    if (config.batch_size // micro) % dp:
+        raise sharding.ShardingError(
+            f"batch_size={config.batch_size} (per micro-batch {config.batch_size // micro}) is not "
+            f"divisible by the {dp} data-parallel devices (mesh data x fsdp); set --config.batch_size "
+            f"to a multiple of {dp * micro}.")
+    if model_cfg.position == "learned" and config.seq_len > model_cfg.max_len:
+        raise ValueError(f"seq_len={config.seq_len} exceeds model.max_len={model_cfg.max_len} "
+                         "(learned positions); lower seq_len or raise model.max_len.")
+
+
+def build(config, mesh) -> Built:
+    rules = sharding.rules_from_config(config.sharding_rules)
+    model_cfg = ModelConfig.from_config(config.model)
+    validate(config, mesh, model_cfg)
+    graphdef, abs_state = abstract_model(model_cfg)
+    with nnx.logical_axis_rules(rules):
+        param_sh = sharding.param_shardings(abs_state, mesh, rules)
+    abs_params = nnx.to_pure_dict(abs_state)
+
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+    replicated = NamedSharding(mesh, P())
+    state_sh = {
+        "step": replicated,
+        "params": param_sh,
+        "opt_state": optim.opt_state_shardings(tx, abs_params, param_sh, replicated),
+    }
+    batch_sh = NamedSharding(mesh, sharding.batch_spec(mesh, rules))
+    seed, micro, dropout = config.seed, config.microbatches, model_cfg.dropout_rate > 0
+
+    def init():
+        # Created inside jit with out_shardings: each device materialises only its own shards.
+        with nnx.use_eager_sharding(False):
+            model = build_model(model_cfg, nnx.Rngs(params=seed))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    def loss_sums(params, batch, key):
+        model = nnx.merge(graphdef, params)
+        logits = model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key=key)
+        weights = (batch["segment_ids"] != 0).astype(jnp.float32)
+        loss_sum, count, correct = cross_entropy(logits, batch["targets"], weights)
+        return loss_sum, (count, correct)
+
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+    def train_step(state, batch):
+        params = state["params"]
+        # Keys come from (seed, step): a resumed run draws exactly the keys it would have drawn.
+        key = jax.random.fold_in(jax.random.key(seed), state["step"]) if dropout else None
+        if micro == 1:
+            (loss_sum, (count, correct)), grads = grad_fn(params, batch, key)
+        else:
+            # Row j*micro + i goes to micro-batch i: every micro-batch keeps the batch's sharding,
+            # so splitting moves no data between devices.
+            def split(x):
+                x = x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1)
+                return jax.lax.with_sharding_constraint(
+                    x, NamedSharding(mesh, P(None, *batch_sh.spec)))
+            micro_batches = jax.tree.map(split, batch)
+
+            def accumulate(carry, xs):
+                i, mb = xs
+                mb_key = None if key is None else jax.random.fold_in(key, i)
+                (l, (c, k)), g = grad_fn(params, mb, mb_key)
+                acc_g, acc_l, acc_c, acc_k = carry
+                return (jax.tree.map(jnp.add, acc_g, g), acc_l + l, acc_c + c, acc_k + k), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (grads, loss_sum, count, correct), _ = jax.lax.scan(
+                accumulate, (zeros, 0.0, 0.0, 0.0), (jnp.arange(micro), micro_batches))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state}
+        metrics = {"loss": loss_sum / denom, "accuracy": correct / denom,
+                   "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state["step"]),
+                   "tokens": count}
+        return new_state, metrics
+
+    def eval_step(params, batch):
+        loss_sum, (count, correct) = loss_sums(params, batch, None)
+        return {"loss_sum": loss_sum, "count": count, "correct": correct}
+
+    batch_shardings = {k: batch_sh for k in BATCH_KEYS}
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(init), state_sh)
+    return Built(
+        model_cfg=model_cfg, graphdef=graphdef, tx=tx, schedule=schedule, state_shardings=state_sh,
+        abstract_state=abstract_state, batch_sharding=batch_sh,
+        init=jax.jit(init, out_shardings=state_sh),
+        train_step=jax.jit(train_step, in_shardings=(state_sh, batch_shardings),
+                           out_shardings=(state_sh, replicated), donate_argnums=0),
+        eval_step=jax.jit(eval_step, in_shardings=(state_sh["params"], batch_shardings),
+                          out_shardings=replicated),
+    )
+
+
+def abstract_batch(config, built: Built) -> dict:
+    shape = (config.batch_size, config.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=built.batch_sharding)
+            for k in BATCH_KEYS}

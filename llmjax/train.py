@@ -1,0 +1,153 @@
+"""The training loop: read it top to bottom.
+
+    mesh -> data (tokenizer, iterators) -> model and optimizer (sharded init) -> restore ->
+    compile -> loop (step, log, eval, checkpoint) -> sample
+
+Restarting the same command in the same workdir resumes from the newest complete checkpoint:
+parameters, optimizer state, step and the data iterator's position all come back, so the resumed
+run is the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax import data as data_lib
+from llmjax import metrics as metrics_lib
+from llmjax import sharding, steps
+from llmjax.checkpoint import Checkpointer
+from llmjax.sample import sample
+
+
+def evaluate(built, params, eval_batches) -> dict:
+    sums = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
+    for local in eval_batches:
+        out = jax.device_get(built.eval_step(params, sharding.global_batch(local, built.batch_sharding)))
+        for k in sums:
+            sums[k] += float(out[k])
+    loss = sums["loss_sum"] / max(sums["count"], 1.0)
+    return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0))),
+            "eval_accuracy": sums["correct"] / max(sums["count"], 1.0)}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains `config` in `workdir` (resuming if a checkpoint is there); returns the last metrics."""
+    jax.config.update("jax_threefry_partitionable", True)
+    is_main = jax.process_index() == 0
+    say = print if is_main else (lambda *a, **k: None)
+
+    # ----------------------------------------------------------------------------------------
+    # Mesh.
+    mesh = sharding.make_mesh(config.mesh.shape)
+    rules = sharding.rules_from_config(config.sharding_rules)
+    say(f"mesh {dict(zip(mesh.axis_names, mesh.devices.shape))} over {jax.device_count()} "
+        f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)")
+
+    # ----------------------------------------------------------------------------------------
+    # Model, optimizer and jitted steps (validated against the mesh before anything compiles).
+    with sharding.use_mesh(mesh, rules):
+        built = steps.build(config, mesh)
+    model_cfg = built.model_cfg
+    counts = steps.count_params(model_cfg)
+    flops_per_token = steps.flops_per_token(model_cfg, config.seq_len)
+    say(f"model: {counts['params']:,} parameters ({counts['non_embedding_params']:,} non-embedding), "
+        f"{flops_per_token / 1e6:.1f} MFLOPs per token")
+
+    # ----------------------------------------------------------------------------------------
+    # Data: tokenizer (trained on first use, cached in the workdir), train iterator, eval batches.
+    tokenizer = data_lib.load_or_train_tokenizer(config.data, model_cfg.vocab_size, workdir)
+    data_lib.check_vocab(tokenizer, model_cfg.vocab_size)
+    data_kw = dict(seq_len=config.seq_len, batch_size=config.batch_size,
+                   process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = data_lib.make_train_iterator(config.data, tokenizer, seed=config.seed,
+                                              workdir=workdir, **data_kw)
+    eval_batches = data_lib.make_eval_batches(config.data, tokenizer, num_batches=config.eval_steps,
+                                              **data_kw)
+
+    # ----------------------------------------------------------------------------------------
+    # Initialise directly sharded, or restore the newest checkpoint onto this mesh.
+    ckpt = Checkpointer(workdir, max_to_keep=config.max_to_keep,
+                        async_save=config.async_checkpointing)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    latest = ckpt.latest_step()
+    with sharding.use_mesh(mesh, rules):
+        if latest is None:
+            state = built.init()
+            baseline = data_lib.unigram_entropy(eval_batches)
+            say(f"unigram baseline (token frequencies only): eval loss {baseline:.3f}")
+            writer.write(0, {"unigram_eval_loss": baseline})
+        else:
+            state = ckpt.restore(latest, built.abstract_state, train_iter)
+            say(f"resumed from step {latest}")
+
+        # ------------------------------------------------------------------------------------
+        # Compile ahead of time: the compile time is measured apart from step times.
+        t0 = time.perf_counter()
+        train_step = built.train_step.lower(state, steps.abstract_batch(config, built)).compile()
+        say(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
+
+        # ------------------------------------------------------------------------------------
+        # Loop.
+        peak = metrics_lib.peak_flops_per_device(jax.devices()[0], config.peak_flops_per_device)
+        tokens_per_step = config.batch_size * config.seq_len
+        step = int(jax.device_get(state["step"]))
+        last = {}
+        t_log, steps_since_log = time.perf_counter(), 0
+        while step < config.total_steps:
+            batch = sharding.global_batch(next(train_iter), built.batch_sharding)
+            state, step_metrics = train_step(state, batch)
+            step += 1
+            steps_since_log += 1
+
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                elapsed = time.perf_counter() - t_log
+                record["step_time_ms"] = 1e3 * elapsed / steps_since_log
+                record["tokens_per_sec"] = tokens_per_step * steps_since_log / elapsed
+                record["mfu"] = metrics_lib.mfu(record["tokens_per_sec"], flops_per_token,
+                                                jax.device_count(), peak)
+                writer.write(step, record)
+                say(metrics_lib.format_line(step, config.total_steps, record))
+                last.update(record)
+                t_log, steps_since_log = time.perf_counter(), 0
+
+            paused = False
+            if step % config.eval_every_steps == 0 or step == config.total_steps:
+                record = evaluate(built, state["params"], eval_batches)
+                writer.write(step, record)
+                say(metrics_lib.format_line(step, config.total_steps, record))
+                last.update(record)
+                paused = True
+
+            if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+                ckpt.save(step, state, train_iter, config.to_dict(), force=True)
+                paused = True
+
+            if paused:  # evaluation and saving are not training time
+                t_log, steps_since_log = time.perf_counter(), 0
+
+        ckpt.close()
+        writer.close()
+
+        # ------------------------------------------------------------------------------------
+        # Sample: a short continuation from the trained model.
+        if config.sample.max_new_tokens > 0:
+            prompt = tokenizer.encode(config.sample.prompt)
+            if tokenizer.bos_id is not None and tokenizer.bos_id >= 0:
+                prompt = [tokenizer.bos_id] + prompt
+            window = min(config.seq_len, model_cfg.max_len if model_cfg.position == "learned"
+                         else config.seq_len)
+            new = sample(built.graphdef, state["params"], prompt,
+                         max_new_tokens=config.sample.max_new_tokens, window=window,
+                         temperature=config.sample.temperature, top_k=config.sample.top_k,
+                         seed=config.seed, eos_id=tokenizer.eos_id)
+            text = config.sample.prompt + tokenizer.decode(new)
+            say("sample:\n" + text)
+            last["sample"] = text
+    logging.info("done at step %d", step)
+    return last
