@@ -350,3 +350,15 @@ def test_workdir_records_the_data_spec(text_cfg, tok, tmp_path):
   _train(text_cfg, tok, workdir=str(tmp_path))
   spec = json.loads((tmp_path / "data_spec.json").read_text())
   assert spec["data"]["name"] == "text" and spec["seq_len"] == SEQ_LEN and spec["tokenizer_vocab_size"] == 512
+
+
+def test_worker_process_gives_the_in_process_batches(text_cfg, tok):
+  # One worker reads the whole shard, so its batches must equal the in-process pipeline's.
+  cfg = text_cfg.copy_and_resolve_references()
+  cfg.num_workers = 1
+  it = _train(cfg, tok)
+  try:
+    got = _take(it, 3)
+  finally:
+    it.close()
+  _assert_same(got, _take(_train(text_cfg, tok), 3))

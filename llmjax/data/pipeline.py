@@ -31,6 +31,7 @@ import json
 import os
 from typing import Any
 
+from absl import flags
 from absl import logging
 import grain
 import numpy as np
@@ -70,6 +71,10 @@ def make_train_iterator(
   if workers := int(data_cfg.get("num_workers", 0)):
     # Each worker runs steps 2-4 on its own slice of the documents; the output is still
     # deterministic, but changes if num_workers changes.
+    if not flags.FLAGS.is_parsed():
+      # Grain's workers read its absl flags; outside an absl app (notebooks, pytest) nothing has
+      # parsed them, so take their defaults rather than fail in the first worker.
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   if workdir is not None and process_index == 0:
     _record_spec(workdir, data_cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
@@ -116,8 +121,9 @@ class _TokenizeDocument(grain.transforms.Map):
 def _pack_and_batch(tokenized: grain.MapDataset, data_cfg, seq_len: int, rows: int) -> grain.IterDataset:
   if seq_len < 1:
     raise ValueError(f"seq_len must be positive, got {seq_len}.")
-  # Tokenizing runs in a few threads ahead of packing (SentencePiece releases the GIL). A small
-  # buffer: a fresh or restored iterator then does not tokenize hundreds of documents up front.
+  # Threads tokenize ahead while the training loop waits on the accelerator. SentencePiece holds
+  # the GIL, so they add no parallelism (data.num_workers does). A small buffer keeps a fresh or
+  # restored iterator from tokenizing hundreds of documents before its first batch.
   read = grain.ReadOptions(
       num_threads=int(data_cfg.get("read_threads", 2)),
       prefetch_buffer_size=int(data_cfg.get("read_buffer", 16)),
