@@ -7,7 +7,6 @@ standard-library corpus (the default one) and 30 tiny text files whose documents
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
