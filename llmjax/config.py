@@ -19,6 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 1000
+    c.stop_at_step = 0  # >0: checkpoint and exit at this step, resumable (time-sliced jobs, tests)
     c.batch_size = 32  # global, in sequences
     c.seq_len = 1024
     c.microbatches = 1  # gradient accumulation: the batch is split into this many micro-batches
@@ -45,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
         tokenizer="",  # path to a SentencePiece .model; '' trains one into the workdir
         tokenizer_train_chars=5_000_000,
         num_workers=0,
+        shuffle_tokens=1 << 19,  # packed rows are shuffled in windows of this many tokens
     ))
 
     c.optim = ml_collections.ConfigDict(dict(

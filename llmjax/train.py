@@ -10,6 +10,7 @@ run is the same run.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -39,12 +40,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """Trains `config` in `workdir` (resuming if a checkpoint is there); returns the last metrics."""
     jax.config.update("jax_threefry_partitionable", True)
     is_main = jax.process_index() == 0
-    say = print if is_main else (lambda *a, **k: None)
+    say = functools.partial(print, flush=True) if is_main else (lambda *a, **k: None)
 
     # ----------------------------------------------------------------------------------------
     # Mesh.
     mesh = sharding.make_mesh(config.mesh.shape)
     rules = sharding.rules_from_config(config.sharding_rules)
+    # Outside the mesh context: on a CPU the peak is measured with a one-device matmul.
+    peak = metrics_lib.peak_flops_per_device(jax.devices()[0], config.peak_flops_per_device)
     say(f"mesh {dict(zip(mesh.axis_names, mesh.devices.shape))} over {jax.device_count()} "
         f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)")
 
@@ -93,12 +96,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
         # ------------------------------------------------------------------------------------
         # Loop.
-        peak = metrics_lib.peak_flops_per_device(jax.devices()[0], config.peak_flops_per_device)
         tokens_per_step = config.batch_size * config.seq_len
         step = int(jax.device_get(state["step"]))
         last = {}
         t_log, steps_since_log = time.perf_counter(), 0
-        while step < config.total_steps:
+        end = min(config.stop_at_step or config.total_steps, config.total_steps)
+        while step < end:
             batch = sharding.global_batch(next(train_iter), built.batch_sharding)
             state, step_metrics = train_step(state, batch)
             step += 1
@@ -124,7 +127,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 last.update(record)
                 paused = True
 
-            if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+            if step % config.checkpoint_every_steps == 0 or step == end:
                 ckpt.save(step, state, train_iter, config.to_dict(), force=True)
                 paused = True
 

@@ -263,7 +263,9 @@ def test_positions_restart_per_segment_and_padding_is_zero(stdlib_batches):
 
 
 def test_every_token_is_predicted_exactly_once(text_cfg, tok):
-  # Eval reads documents in stored order, so the packed stream can be compared token by token.
+  # Eval reads documents in stored order; with a one-row shuffle window the packed stream can be
+  # compared token by token.
+  text_cfg = ml_collections.ConfigDict({**text_cfg.to_dict(), "shuffle_tokens": SEQ_LEN})
   batches = pipeline.make_eval_batches(text_cfg, tok, seq_len=SEQ_LEN, batch_size=2, num_batches=20,
                                        process_index=0, process_count=1)
   source = corpus.load_split(text_cfg, "validation")
@@ -284,6 +286,8 @@ def test_same_seed_same_batches_other_seed_other_batches(stdlib_cfg, tok, stdlib
 
 
 def test_processes_read_disjoint_shards_and_reshuffle_each_epoch(text_cfg, tok):
+  # A one-row shuffle window keeps epochs apart in the stream, so they can be told apart.
+  text_cfg = ml_collections.ConfigDict({**text_cfg.to_dict(), "shuffle_tokens": SEQ_LEN})
   train_docs = _markers(corpus.load_split(text_cfg, "train"))
   seen = []
   for index in range(2):
@@ -299,6 +303,19 @@ def test_processes_read_disjoint_shards_and_reshuffle_each_epoch(text_cfg, tok):
     seen.append(shard)
   assert not seen[0] & seen[1]
   assert seen[0] | seen[1] == set(train_docs)
+
+
+def test_rows_are_shuffled_within_a_window(stdlib_cfg, tok):
+  """With a window of W rows, the first W rows are the packer's first W rows in another order."""
+  window_rows, rows = 32, 4
+  plain = ml_collections.ConfigDict({**stdlib_cfg.to_dict(), "shuffle_tokens": SEQ_LEN})
+  mixed = ml_collections.ConfigDict({**stdlib_cfg.to_dict(), "shuffle_tokens": SEQ_LEN * window_rows})
+  n = window_rows // rows
+  rows_of = lambda bs: [tuple(r) for b in bs for r in b["inputs"]]
+  plain_rows = rows_of(_take(_train(plain, tok, batch_size=rows), n))
+  mixed_rows = rows_of(_take(_train(mixed, tok, batch_size=rows), n))
+  assert sorted(plain_rows) == sorted(mixed_rows)
+  assert plain_rows != mixed_rows
 
 
 def test_batch_size_must_divide_over_processes(text_cfg, tok):

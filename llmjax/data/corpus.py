@@ -114,7 +114,7 @@ def prepare(data_cfg) -> LlmjaxText:
   # Two processes (pytest workers, hosts sharing a disk) may build the same corpus at once. TFDS
   # writes into a temporary dir and renames it, but the loser's rename would fail on the existing
   # dir; an exclusive lock makes the second one wait and then reuse the first one's result.
-  with _file_lock(os.path.join(data_dir, LlmjaxText.name, f"{config_name}.lock")):
+  with _file_lock(os.path.join(data_dir, LlmjaxText.name, f"{config_name}.lock")), _quiet_tfds():
     builder = make_builder()  # Re-created: TFDS only looks for prepared data on construction.
     if not builder.is_prepared():
       logging.info("Building corpus %s (%d documents) in %s", config_name, len(docs), data_dir)
@@ -174,6 +174,18 @@ class TextSource:
 
   def __repr__(self) -> str:
     return f"TextSource({self._source!r}, text_key={self._text_key!r})"
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """A first build is routine here: no progress bars, no warnings about the half-built folder."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  tfds.disable_progress_bar()
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 @contextlib.contextmanager

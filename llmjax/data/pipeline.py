@@ -67,7 +67,7 @@ def make_train_iterator(
   source = corpus.load_split(data_cfg, split)
   docs = _shard(grain.MapDataset.source(source), process_index, process_count, split, strict=True)
   docs = docs.shuffle(seed).repeat()  # Shuffling before repeat reseeds it every epoch.
-  ds = _pack_and_batch(docs.map(_TokenizeDocument(tokenizer)), data_cfg, seq_len, rows)
+  ds = _pack_and_batch(docs.map(_TokenizeDocument(tokenizer)), data_cfg, seq_len, rows, seed)
   if workers := int(data_cfg.get("num_workers", 0)):
     # Each worker runs steps 2-4 on its own slice of the documents; the output is still
     # deterministic, but changes if num_workers changes.
@@ -102,7 +102,10 @@ def make_eval_batches(
   split = data_cfg.get("split_eval", "validation")
   source = corpus.load_split(data_cfg, split)
   docs = _shard(grain.MapDataset.source(source), process_index, process_count, split, strict=False)
-  ds = _pack_and_batch(docs.repeat().map(_TokenizeDocument(tokenizer)), data_cfg, seq_len, rows)
+  # The fixed row shuffle spreads the batches over many documents (a stdlib file is hundreds of
+  # rows long) while keeping every evaluation's tokens identical.
+  ds = _pack_and_batch(docs.repeat().map(_TokenizeDocument(tokenizer)), data_cfg, seq_len, rows,
+                       seed=0)
   return list(itertools.islice(iter(ds), num_batches))
 
 
@@ -118,7 +121,8 @@ class _TokenizeDocument(grain.transforms.Map):
     return {"inputs": ids[:-1], "targets": ids[1:]}
 
 
-def _pack_and_batch(tokenized: grain.MapDataset, data_cfg, seq_len: int, rows: int) -> grain.IterDataset:
+def _pack_and_batch(tokenized: grain.MapDataset, data_cfg, seq_len: int, rows: int,
+                    seed: int) -> grain.IterDataset:
   if seq_len < 1:
     raise ValueError(f"seq_len must be positive, got {seq_len}.")
   # Threads tokenize ahead while the training loop waits on the accelerator. SentencePiece holds
@@ -131,6 +135,12 @@ def _pack_and_batch(tokenized: grain.MapDataset, data_cfg, seq_len: int, rows: i
   packed = grain.experimental.ConcatThenSplitIterDataset(
       tokenized.to_iter_dataset(read), length_struct={k: seq_len for k in _FEATURES}
   )
+  # Consecutive rows are consecutive pieces of one document (a stdlib module fills hundreds of
+  # rows), so batches drawn straight from the packer are highly correlated and training stalls.
+  # A window shuffle over `data.shuffle_tokens` worth of rows mixes many documents into each
+  # batch; its state is the window's start plus a position, so resume stays exact.
+  window = max(1, int(data_cfg.get("shuffle_tokens", 1 << 19)) // seq_len)
+  packed = grain.experimental.WindowShuffleIterDataset(packed, window_size=window, seed=seed)
   return _JsonStateIterDataset(packed.batch(rows, drop_remainder=True).map(_model_batch))
 
 

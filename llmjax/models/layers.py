@@ -60,12 +60,17 @@ class Linear(nnx.Module):
 class Embed(nnx.Module):
     def __init__(self, num: int, features: int, names, *, rngs: nnx.Rngs, init_std: float = 0.02,
                  dtype=jnp.float32, param_dtype=jnp.float32):
-        self.dtype = dtype
+        self.dtype, self.names = dtype, tuple(names)
         self.embedding = param(rngs, nnx.initializers.normal(init_std), (num, features), names,
                                param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # Gather the FSDP shards of the table first: gathering rows from a table split along its
+        # feature axis gives activations split the same way, which XLA can only turn into
+        # batch-split activations by replicating everything ("involuntary rematerialisation").
+        table = constrain(self.embedding[...], (self.names[0], None))
+        out = jnp.take(table, ids, axis=0).astype(self.dtype)
+        return constrain(out, ("act_batch", "act_length", "act_embed"))
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits against the table (a tied output head), accumulated in float32."""

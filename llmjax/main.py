@@ -1,0 +1,48 @@
+"""Train a model: python -m llmjax.main --config=configs/gpt_small.py --workdir=DIR.
+
+Any config key can be overridden with --config.key=value (e.g. --config.total_steps=100
+--config.mesh.shape="(2,2,2)"). Running the same command again in the same workdir resumes.
+Multi-host (TPU pod slices, SLURM GPU clusters): add --distributed, which calls
+jax.distributed.initialize() and lets JAX detect the cluster; or give --coordinator_address,
+--num_processes and --process_id explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+
+from llmjax import cli
+
+WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the tokenizer go.")
+DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Initialise JAX's multi-controller runtime.")
+COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+# Errors a user can cause from the config, the data or the command line; anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+def main(argv):
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}; flags look like --config.key=value.")
+    config = cli.require_config()
+    if not WORKDIR.value:
+        cli.fail("--workdir is required: the directory for checkpoints, metrics and the tokenizer.")
+    import jax
+    if COORDINATOR.value or DISTRIBUTED.value:
+        jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+    from llmjax.train import train_and_evaluate
+    os.makedirs(WORKDIR.value, exist_ok=True)
+    logging.set_verbosity(logging.WARNING)
+    try:
+        train_and_evaluate(config, WORKDIR.value)
+    except USER_ERRORS as e:
+        cli.fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
+
+
+if __name__ == "__main__":
+    app.run(main)

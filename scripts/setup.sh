@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates .venv with the pinned dependency set (requirements/lock.txt) and llmjax itself.
+# Idempotent: a second run with the same lock file does nothing. Needs Python 3.11+ and access to
+# the package registry; PYTHON=/path/to/python3.x picks the interpreter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${LLMJAX_VENV:-.venv}
+
+"$PYTHON" - <<'PY' || { echo "error: llmjax needs Python 3.11 or newer; set PYTHON=/path/to/python3.11" >&2; exit 2; }
+import sys
+sys.exit(0 if sys.version_info >= (3, 11) else 1)
+PY
+
+stamp="$VENV/.llmjax-installed"
+want="$(cat requirements/lock.txt pyproject.toml | cksum)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "setting up $VENV (pinned dependencies from requirements/lock.txt) ..." >&2
+"$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements/lock.txt
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
+echo "$want" > "$stamp"
