@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor)
     c.sharding_rules = DEFAULT_RULES
 
-    c.sample = ml_collections.ConfigDict(dict(prompt="def ", max_new_tokens=64, temperature=0.0,
+    c.sample = ml_collections.ConfigDict(dict(prompt="def", max_new_tokens=64, temperature=0.0,
                                               top_k=0))
     return c
 
@@ -94,11 +94,11 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m.remat_policy = "none"
     c.seq_len = 128
     c.batch_size = 16
-    c.total_steps = 600
+    c.total_steps = 1000
     c.log_every_steps = 50
-    c.eval_every_steps = 200
+    c.eval_every_steps = 250
     c.eval_steps = 8
-    c.checkpoint_every_steps = 200
+    c.checkpoint_every_steps = 250
     c.optim.learning_rate = 2e-3
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.01

@@ -48,6 +48,7 @@ def final_params(workdir, step):
     return restored["state"]["params"]
 
 
+@pytest.mark.slow
 def test_stopped_and_restarted_run_equals_uninterrupted(devices, tokenizer_path, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_and_evaluate(loop_config(tokenizer_path), str(straight))
@@ -61,6 +62,7 @@ def test_stopped_and_restarted_run_equals_uninterrupted(devices, tokenizer_path,
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow
 def test_metrics_and_learning(devices, tokenizer_path, tmp_path):
     config = loop_config(tokenizer_path, total_steps=80, eval_every_steps=80, log_every_steps=20,
                          checkpoint_every_steps=80, batch_size=16, **{
