@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import grain
@@ -36,7 +37,9 @@ class _IteratorSnapshot:
 
 class Checkpointer:
     def __init__(self, workdir: str, *, max_to_keep: int, async_save: bool = True):
-        self.directory = epath.Path(workdir) / "checkpoints"
+        # Orbax's array writer needs an absolute path; remote paths (gs://...) already are.
+        local = "://" not in str(workdir)
+        self.directory = epath.Path(os.path.abspath(workdir) if local else workdir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
