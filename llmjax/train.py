@@ -11,6 +11,7 @@ run is the same run.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 
@@ -34,6 +35,18 @@ def evaluate(built, params, eval_batches) -> dict:
     loss = sums["loss_sum"] / max(sums["count"], 1.0)
     return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0))),
             "eval_accuracy": sums["correct"] / max(sums["count"], 1.0)}
+
+
+def check_same_model(saved: dict, config, where) -> None:
+    """Refuses to restore a checkpoint into a differently shaped model (one line, before Orbax
+    fails deep inside with a shape error). Batch, length, optimizer and data may change."""
+    current = json.loads(json.dumps(config.model.to_dict()))
+    changed = sorted(k for k in current if saved.get("model", {}).get(k) != current[k])
+    if changed:
+        diffs = ", ".join(f"model.{k}={saved['model'].get(k)!r} there but {current[k]!r} now"
+                          for k in changed)
+        raise ValueError(f"the checkpoint {where} was trained with a different model ({diffs}); "
+                         "use the original config or a new --workdir.")
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -85,6 +98,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             say(f"unigram baseline (token frequencies only): eval loss {baseline:.3f}")
             writer.write(0, {"unigram_eval_loss": baseline})
         else:
+            check_same_model(ckpt.restore_config(latest), config, ckpt.directory / str(latest))
             state = ckpt.restore(latest, built.abstract_state, train_iter)
             say(f"resumed from step {latest}")
 

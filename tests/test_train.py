@@ -61,6 +61,12 @@ def test_stopped_and_restarted_run_equals_uninterrupted(devices, tokenizer_path,
     a, b = final_params(straight, 6), final_params(resumed, 6)
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
+    # A resumed run with another model shape is refused in one line, and the checkpoints survive.
+    with pytest.raises(ValueError, match="model.d_model=32 there but 64 now"):
+        train_and_evaluate(loop_config(tokenizer_path, total_steps=9, **{"model.d_model": 64}),
+                           str(resumed))
+    assert sorted(os.listdir(resumed / "checkpoints")) == ["3", "6"]
+
 
 @pytest.mark.slow
 def test_metrics_and_learning(devices, tokenizer_path, tmp_path):
