@@ -32,168 +32,185 @@ _PREPARED: dict[tuple[str, str], "LlmjaxText"] = {}
 
 
 class LlmjaxText(tfds.core.GeneratorBasedBuilder):
-  """Local text documents with a held-out validation split; features `text` and `path`."""
+    """Local text documents with a held-out validation split; features `text` and `path`."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  # TFDS looks for a checksums file next to the builder's source via `code_path`; for a builder
-  # inside a regular package that lookup needs the `importlib_resources` backport (not a
-  # dependency here). We download nothing, so there are no checksums to find.
-  code_path = None
+    VERSION = tfds.core.Version("1.0.0")
+    # TFDS looks for a checksums file next to the builder's source via `code_path`; for a builder
+    # inside a regular package that lookup needs the `importlib_resources` backport (not a
+    # dependency here). We download nothing, so there are no checksums to find.
+    code_path = None
 
-  @classmethod
-  def get_builder_config(cls, name: str, version=None) -> tfds.core.BuilderConfig:
-    # Every name is a valid config: it is the hash of a document list (see `prepare`). Saying so
-    # here, instead of passing a BuilderConfig object, keeps TFDS from warning about a "custom
-    # data configuration" on every load.
-    return tfds.core.BuilderConfig(name=name, version=version)
+    @classmethod
+    def get_builder_config(cls, name: str, version=None) -> tfds.core.BuilderConfig:
+        # Every name is a valid config: it is the hash of a document list (see `prepare`). Saying so
+        # here, instead of passing a BuilderConfig object, keeps TFDS from warning about a "custom
+        # data configuration" on every load.
+        return tfds.core.BuilderConfig(name=name, version=version)
 
-  def __init__(self, *, docs: Sequence[documents_lib.Document] = (), held_out: frozenset[str] = frozenset(), **kwargs):
-    # The document list travels outside the BuilderConfig: TFDS logs the config's repr, and a
-    # few thousand paths in a log line help nobody. The config name is their hash.
-    self._docs = tuple(docs)
-    self._held_out = held_out
-    super().__init__(**kwargs)
+    def __init__(
+        self,
+        *,
+        docs: Sequence[documents_lib.Document] = (),
+        held_out: frozenset[str] = frozenset(),
+        **kwargs,
+    ):
+        # The document list travels outside the BuilderConfig: TFDS logs the config's repr, and a
+        # few thousand paths in a log line help nobody. The config name is their hash.
+        self._docs = tuple(docs)
+        self._held_out = held_out
+        super().__init__(**kwargs)
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="Local text documents, one file (or pydoc topic) per example.",
-        features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "path": tfds.features.Text()}),
-    )
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Local text documents, one file (or pydoc topic) per example.",
+            features=tfds.features.FeaturesDict(
+                {"text": tfds.features.Text(), "path": tfds.features.Text()}
+            ),
+        )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {
-        "train": self._generate_examples(validation=False),
-        "validation": self._generate_examples(validation=True),
-    }
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {
+            "train": self._generate_examples(validation=False),
+            "validation": self._generate_examples(validation=True),
+        }
 
-  def _generate_examples(self, validation: bool):
-    for doc in self._docs:
-      if (doc.path in self._held_out) == validation:
-        yield doc.path, {"text": doc.read(), "path": doc.path}
+    def _generate_examples(self, validation: bool):
+        for doc in self._docs:
+            if (doc.path in self._held_out) == validation:
+                yield doc.path, {"text": doc.read(), "path": doc.path}
 
 
 def resolve_data_dir(data_cfg) -> str:
-  """`data.data_dir`, else $LLMJAX_DATA_DIR, else ~/.cache/llmjax/tfds."""
-  data_dir = data_cfg.get("data_dir", "") or os.environ.get("LLMJAX_DATA_DIR", "") or DEFAULT_DATA_DIR
-  return os.path.abspath(os.path.expanduser(data_dir))
+    """`data.data_dir`, else $LLMJAX_DATA_DIR, else ~/.cache/llmjax/tfds."""
+    data_dir = (
+        data_cfg.get("data_dir", "") or os.environ.get("LLMJAX_DATA_DIR", "") or DEFAULT_DATA_DIR
+    )
+    return os.path.abspath(os.path.expanduser(data_dir))
 
 
 def prepare(data_cfg) -> LlmjaxText:
-  """Builds the local corpus named by `data_cfg` unless it is cached; returns its builder."""
-  name = data_cfg.get("name", "stdlib")
-  fraction = float(data_cfg.get("validation_fraction", 0.02))
-  if name == "stdlib":
-    docs = documents_lib.stdlib_documents()
-    prefix = f"stdlib-{documents_lib.python_tag()}"
-  elif name == "text":
-    docs = documents_lib.file_documents(data_cfg.get("files", ""))
-    prefix = "files"
-  else:
-    raise ValueError(f"prepare() builds the local corpora {LOCAL_CORPORA}, not {name!r}.")
-  config_name = f"{prefix}-{documents_lib.fingerprint(docs, fraction, _FORMAT_VERSION)}"
-  data_dir = resolve_data_dir(data_cfg)
+    """Builds the local corpus named by `data_cfg` unless it is cached; returns its builder."""
+    name = data_cfg.get("name", "stdlib")
+    fraction = float(data_cfg.get("validation_fraction", 0.02))
+    if name == "stdlib":
+        docs = documents_lib.stdlib_documents()
+        prefix = f"stdlib-{documents_lib.python_tag()}"
+    elif name == "text":
+        docs = documents_lib.file_documents(data_cfg.get("files", ""))
+        prefix = "files"
+    else:
+        raise ValueError(f"prepare() builds the local corpora {LOCAL_CORPORA}, not {name!r}.")
+    config_name = f"{prefix}-{documents_lib.fingerprint(docs, fraction, _FORMAT_VERSION)}"
+    data_dir = resolve_data_dir(data_cfg)
 
-  def make_builder():
-    return LlmjaxText(
-        config=config_name,
-        data_dir=data_dir,
-        file_format="array_record",
-        docs=docs,
-        held_out=frozenset(documents_lib.held_out(docs, fraction)),
-    )
+    def make_builder():
+        return LlmjaxText(
+            config=config_name,
+            data_dir=data_dir,
+            file_format="array_record",
+            docs=docs,
+            held_out=frozenset(documents_lib.held_out(docs, fraction)),
+        )
 
-  key = (data_dir, config_name)
-  if key in _PREPARED:
-    return _PREPARED[key]
-  builder = make_builder()
-  if builder.is_prepared():
+    key = (data_dir, config_name)
+    if key in _PREPARED:
+        return _PREPARED[key]
+    builder = make_builder()
+    if builder.is_prepared():
+        _PREPARED[key] = builder
+        return builder
+    # Two processes (pytest workers, hosts sharing a disk) may build the same corpus at once. TFDS
+    # writes into a temporary dir and renames it, but the loser's rename would fail on the existing
+    # dir; an exclusive lock makes the second one wait and then reuse the first one's result.
+    with _file_lock(os.path.join(data_dir, LlmjaxText.name, f"{config_name}.lock")), _quiet_tfds():
+        builder = make_builder()  # Re-created: TFDS only looks for prepared data on construction.
+        if not builder.is_prepared():
+            logging.info(
+                "Building corpus %s (%d documents) in %s", config_name, len(docs), data_dir
+            )
+            builder.download_and_prepare()
     _PREPARED[key] = builder
     return builder
-  # Two processes (pytest workers, hosts sharing a disk) may build the same corpus at once. TFDS
-  # writes into a temporary dir and renames it, but the loser's rename would fail on the existing
-  # dir; an exclusive lock makes the second one wait and then reuse the first one's result.
-  with _file_lock(os.path.join(data_dir, LlmjaxText.name, f"{config_name}.lock")), _quiet_tfds():
-    builder = make_builder()  # Re-created: TFDS only looks for prepared data on construction.
-    if not builder.is_prepared():
-      logging.info("Building corpus %s (%d documents) in %s", config_name, len(docs), data_dir)
-      builder.download_and_prepare()
-  _PREPARED[key] = builder
-  return builder
 
 
 def load_split(data_cfg, split: str) -> TextSource:
-  """Random-access texts of `split` of the corpus named by `data_cfg` (building it if local)."""
-  name = data_cfg.get("name", "stdlib")
-  if name in LOCAL_CORPORA:
-    return TextSource(prepare(data_cfg).as_data_source(split=split), "text")
-  data_dir = resolve_data_dir(data_cfg)
-  try:
-    # download=False: preparing a catalog dataset can mean hundreds of GB; that is a deliberate
-    # offline step, never a side effect of starting training.
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except (tfds.core.registered.DatasetNotFoundError, NotImplementedError, FileNotFoundError, AssertionError) as e:
-    raise ValueError(
-        f"TFDS dataset {name!r} (split {split!r}) is not prepared as array_record in {data_dir}; "
-        f"prepare it with `tfds build {name} --file_format=array_record --data_dir={data_dir}` "
-        "(or set data.data_dir to where it is, or data.name to 'stdlib' or 'text')."
-    ) from e
-  return TextSource(source, data_cfg.get("text_key", "text"))
+    """Random-access texts of `split` of the corpus named by `data_cfg` (building it if local)."""
+    name = data_cfg.get("name", "stdlib")
+    if name in LOCAL_CORPORA:
+        return TextSource(prepare(data_cfg).as_data_source(split=split), "text")
+    data_dir = resolve_data_dir(data_cfg)
+    try:
+        # download=False: preparing a catalog dataset can mean hundreds of GB; that is a deliberate
+        # offline step, never a side effect of starting training.
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except (
+        tfds.core.registered.DatasetNotFoundError,
+        NotImplementedError,
+        FileNotFoundError,
+        AssertionError,
+    ) as e:
+        raise ValueError(
+            f"TFDS dataset {name!r} (split {split!r}) is not prepared as array_record in {data_dir}; "
+            f"prepare it with `tfds build {name} --file_format=array_record --data_dir={data_dir}` "
+            "(or set data.data_dir to where it is, or data.name to 'stdlib' or 'text')."
+        ) from e
+    return TextSource(source, data_cfg.get("text_key", "text"))
 
 
 class TextSource:
-  """A TFDS data source seen as a sequence of `str`, for `grain.MapDataset.source`."""
+    """A TFDS data source seen as a sequence of `str`, for `grain.MapDataset.source`."""
 
-  def __init__(self, source: Sequence[dict[str, Any]], text_key: str):
-    self._source = source
-    self._text_key = text_key
+    def __init__(self, source: Sequence[dict[str, Any]], text_key: str):
+        self._source = source
+        self._text_key = text_key
 
-  def __len__(self) -> int:
-    return len(self._source)
+    def __len__(self) -> int:
+        return len(self._source)
 
-  def __getitem__(self, index: int) -> str:
-    return self._text(self._source[index])
+    def __getitem__(self, index: int) -> str:
+        return self._text(self._source[index])
 
-  def __getitems__(self, indices: Sequence[int]) -> list[str]:
-    # array_record reads a batch of records in one call; grain uses this when it can.
-    return [self._text(r) for r in self._source.__getitems__(indices)]
+    def __getitems__(self, indices: Sequence[int]) -> list[str]:
+        # array_record reads a batch of records in one call; grain uses this when it can.
+        return [self._text(r) for r in self._source.__getitems__(indices)]
 
-  def record(self, index: int) -> dict[str, Any]:
-    """The full decoded example, e.g. to see its `path`."""
-    return self._source[index]
+    def record(self, index: int) -> dict[str, Any]:
+        """The full decoded example, e.g. to see its `path`."""
+        return self._source[index]
 
-  def _text(self, record: dict[str, Any]) -> str:
-    try:
-      text = record[self._text_key]
-    except KeyError as e:
-      raise ValueError(
-          f"Examples have no feature {self._text_key!r} (they have {sorted(record)}); set data.text_key."
-      ) from e
-    return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+    def _text(self, record: dict[str, Any]) -> str:
+        try:
+            text = record[self._text_key]
+        except KeyError as e:
+            raise ValueError(
+                f"Examples have no feature {self._text_key!r} (they have {sorted(record)}); set data.text_key."
+            ) from e
+        return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
 
-  def __repr__(self) -> str:
-    return f"TextSource({self._source!r}, text_key={self._text_key!r})"
+    def __repr__(self) -> str:
+        return f"TextSource({self._source!r}, text_key={self._text_key!r})"
 
 
 @contextlib.contextmanager
 def _quiet_tfds():
-  """A first build is routine here: no progress bars, no warnings about the half-built folder."""
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.ERROR)
-  tfds.disable_progress_bar()
-  try:
-    yield
-  finally:
-    logging.set_verbosity(verbosity)
+    """A first build is routine here: no progress bars, no warnings about the half-built folder."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    tfds.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 @contextlib.contextmanager
 def _file_lock(path: str):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

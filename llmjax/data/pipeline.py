@@ -53,33 +53,41 @@ def make_train_iterator(
     process_count: int | None = None,
     workdir: str | None = None,
 ) -> grain.DatasetIterator:
-  """An endless, checkpointable iterator over this process's training batches.
+    """An endless, checkpointable iterator over this process's training batches.
 
-  `batch_size` is global; each process gets `batch_size // process_count` rows. The same
-  arguments give the same batches; `it.get_state()` / `it.set_state()` (or Orbax through
-  `grain.checkpoint.CheckpointSave(it)`) resume exactly. If `workdir` is given, process 0
-  records the pipeline's settings in WORKDIR/data_spec.json and warns when a resumed run's
-  settings differ (a restored position would then point into a different stream).
-  """
-  process_index, process_count = _process(process_index, process_count)
-  rows = _rows_per_process(batch_size, process_count)
-  split = data_cfg.get("split_train", "train")
-  source = corpus.load_split(data_cfg, split)
-  docs = _shard(grain.MapDataset.source(source), process_index, process_count, split, strict=True)
-  docs = docs.shuffle(seed).repeat()  # Shuffling before repeat reseeds it every epoch.
-  ds = _pack_and_batch(docs.map(_TokenizeDocument(tokenizer)), data_cfg, seq_len, rows, seed)
-  if workers := int(data_cfg.get("num_workers", 0)):
-    # Each worker runs steps 2-4 on its own slice of the documents; the output is still
-    # deterministic, but changes if num_workers changes.
-    if not flags.FLAGS.is_parsed():
-      # Grain's workers read its absl flags; outside an absl app (notebooks, pytest) nothing has
-      # parsed them, so take their defaults rather than fail in the first worker.
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  if workdir is not None and process_index == 0:
-    _record_spec(workdir, data_cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                 process_count=process_count, num_docs=len(source))
-  return iter(ds)
+    `batch_size` is global; each process gets `batch_size // process_count` rows. The same
+    arguments give the same batches; `it.get_state()` / `it.set_state()` (or Orbax through
+    `grain.checkpoint.CheckpointSave(it)`) resume exactly. If `workdir` is given, process 0
+    records the pipeline's settings in WORKDIR/data_spec.json and warns when a resumed run's
+    settings differ (a restored position would then point into a different stream).
+    """
+    process_index, process_count = _process(process_index, process_count)
+    rows = _rows_per_process(batch_size, process_count)
+    split = data_cfg.get("split_train", "train")
+    source = corpus.load_split(data_cfg, split)
+    docs = _shard(grain.MapDataset.source(source), process_index, process_count, split, strict=True)
+    docs = docs.shuffle(seed).repeat()  # Shuffling before repeat reseeds it every epoch.
+    ds = _pack_and_batch(docs.map(_TokenizeDocument(tokenizer)), data_cfg, seq_len, rows, seed)
+    if workers := int(data_cfg.get("num_workers", 0)):
+        # Each worker runs steps 2-4 on its own slice of the documents; the output is still
+        # deterministic, but changes if num_workers changes.
+        if not flags.FLAGS.is_parsed():
+            # Grain's workers read its absl flags; outside an absl app (notebooks, pytest) nothing has
+            # parsed them, so take their defaults rather than fail in the first worker.
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    if workdir is not None and process_index == 0:
+        _record_spec(
+            workdir,
+            data_cfg,
+            tokenizer,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            seed=seed,
+            process_count=process_count,
+            num_docs=len(source),
+        )
+    return iter(ds)
 
 
 def make_eval_batches(
@@ -92,155 +100,173 @@ def make_eval_batches(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
-  """`num_batches` batches of the evaluation split, the same on every call.
+    """`num_batches` batches of the evaluation split, the same on every call.
 
-  Documents are read in their stored order (no shuffling) and cycled if the split is too small
-  to fill `num_batches`, so every evaluation sees exactly the same tokens.
-  """
-  process_index, process_count = _process(process_index, process_count)
-  rows = _rows_per_process(batch_size, process_count)
-  split = data_cfg.get("split_eval", "validation")
-  source = corpus.load_split(data_cfg, split)
-  docs = _shard(grain.MapDataset.source(source), process_index, process_count, split, strict=False)
-  # The fixed row shuffle spreads the batches over many documents (a stdlib file is hundreds of
-  # rows long) while keeping every evaluation's tokens identical.
-  ds = _pack_and_batch(docs.repeat().map(_TokenizeDocument(tokenizer)), data_cfg, seq_len, rows,
-                       seed=0)
-  return list(itertools.islice(iter(ds), num_batches))
+    Documents are read in their stored order (no shuffling) and cycled if the split is too small
+    to fill `num_batches`, so every evaluation sees exactly the same tokens.
+    """
+    process_index, process_count = _process(process_index, process_count)
+    rows = _rows_per_process(batch_size, process_count)
+    split = data_cfg.get("split_eval", "validation")
+    source = corpus.load_split(data_cfg, split)
+    docs = _shard(
+        grain.MapDataset.source(source), process_index, process_count, split, strict=False
+    )
+    # The fixed row shuffle spreads the batches over many documents (a stdlib file is hundreds of
+    # rows long) while keeping every evaluation's tokens identical.
+    ds = _pack_and_batch(
+        docs.repeat().map(_TokenizeDocument(tokenizer)), data_cfg, seq_len, rows, seed=0
+    )
+    return list(itertools.islice(iter(ds), num_batches))
 
 
 class _TokenizeDocument(grain.transforms.Map):
-  """text -> {"inputs": t[:-1], "targets": t[1:]} with t = [bos] + encode(text) + [eos]."""
+    """text -> {"inputs": t[:-1], "targets": t[1:]} with t = [bos] + encode(text) + [eos]."""
 
-  def __init__(self, tokenizer: Tokenizer):
-    self._tokenizer = tokenizer
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
 
-  def map(self, text: str) -> dict[str, np.ndarray]:
-    tok = self._tokenizer
-    ids = np.asarray([tok.bos_id, *tok.encode(text), tok.eos_id], dtype=np.int32)
-    return {"inputs": ids[:-1], "targets": ids[1:]}
+    def map(self, text: str) -> dict[str, np.ndarray]:
+        tok = self._tokenizer
+        ids = np.asarray([tok.bos_id, *tok.encode(text), tok.eos_id], dtype=np.int32)
+        return {"inputs": ids[:-1], "targets": ids[1:]}
 
 
-def _pack_and_batch(tokenized: grain.MapDataset, data_cfg, seq_len: int, rows: int,
-                    seed: int) -> grain.IterDataset:
-  if seq_len < 1:
-    raise ValueError(f"seq_len must be positive, got {seq_len}.")
-  # Threads tokenize ahead while the training loop waits on the accelerator. SentencePiece holds
-  # the GIL, so they add no parallelism (data.num_workers does). A small buffer keeps a fresh or
-  # restored iterator from tokenizing hundreds of documents before its first batch.
-  read = grain.ReadOptions(
-      num_threads=int(data_cfg.get("read_threads", 2)),
-      prefetch_buffer_size=int(data_cfg.get("read_buffer", 16)),
-  )
-  packed = grain.experimental.ConcatThenSplitIterDataset(
-      tokenized.to_iter_dataset(read), length_struct={k: seq_len for k in _FEATURES}
-  )
-  # Consecutive rows are consecutive pieces of one document (a stdlib module fills hundreds of
-  # rows), so batches drawn straight from the packer are highly correlated and training stalls.
-  # A window shuffle over `data.shuffle_tokens` worth of rows mixes many documents into each
-  # batch; its state is the window's start plus a position, so resume stays exact.
-  window = max(1, int(data_cfg.get("shuffle_tokens", 1 << 19)) // seq_len)
-  packed = grain.experimental.WindowShuffleIterDataset(packed, window_size=window, seed=seed)
-  return _JsonStateIterDataset(packed.batch(rows, drop_remainder=True).map(_model_batch))
+def _pack_and_batch(
+    tokenized: grain.MapDataset, data_cfg, seq_len: int, rows: int, seed: int
+) -> grain.IterDataset:
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}.")
+    # Threads tokenize ahead while the training loop waits on the accelerator. SentencePiece holds
+    # the GIL, so they add no parallelism (data.num_workers does). A small buffer keeps a fresh or
+    # restored iterator from tokenizing hundreds of documents before its first batch.
+    read = grain.ReadOptions(
+        num_threads=int(data_cfg.get("read_threads", 2)),
+        prefetch_buffer_size=int(data_cfg.get("read_buffer", 16)),
+    )
+    packed = grain.experimental.ConcatThenSplitIterDataset(
+        tokenized.to_iter_dataset(read), length_struct={k: seq_len for k in _FEATURES}
+    )
+    # Consecutive rows are consecutive pieces of one document (a stdlib module fills hundreds of
+    # rows), so batches drawn straight from the packer are highly correlated and training stalls.
+    # A window shuffle over `data.shuffle_tokens` worth of rows mixes many documents into each
+    # batch; its state is the window's start plus a position, so resume stays exact.
+    window = max(1, int(data_cfg.get("shuffle_tokens", 1 << 19)) // seq_len)
+    packed = grain.experimental.WindowShuffleIterDataset(packed, window_size=window, seed=seed)
+    return _JsonStateIterDataset(packed.batch(rows, drop_remainder=True).map(_model_batch))
 
 
 def _model_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  # Packing gives both features the same segments (they have equal lengths), so one copy of the
-  # segment ids and positions describes both.
-  return {
-      "inputs": packed["inputs"],
-      "targets": packed["targets"],
-      "segment_ids": packed["inputs_segment_ids"],
-      "positions": packed["inputs_positions"],
-  }
+    # Packing gives both features the same segments (they have equal lengths), so one copy of the
+    # segment ids and positions describes both.
+    return {
+        "inputs": packed["inputs"],
+        "targets": packed["targets"],
+        "segment_ids": packed["inputs_segment_ids"],
+        "positions": packed["inputs_positions"],
+    }
 
 
 class _JsonStateIterDataset(grain.IterDataset):
-  """Makes the pipeline's state survive a JSON round trip, as Orbax checkpoints it.
+    """Makes the pipeline's state survive a JSON round trip, as Orbax checkpoints it.
 
-  grain 0.2.18's concat-then-split marks "no remainder" with the tuple (-1, -1) in its state and
-  compares against that tuple; JSON gives back the list [-1, -1], which then reads as a remainder
-  of zero tokens and silently drops a document on restore. Turning the slices back into tuples
-  before `set_state` restores the exact position.
-  """
+    grain 0.2.18's concat-then-split marks "no remainder" with the tuple (-1, -1) in its state and
+    compares against that tuple; JSON gives back the list [-1, -1], which then reads as a remainder
+    of zero tokens and silently drops a document on restore. Turning the slices back into tuples
+    before `set_state` restores the exact position.
+    """
 
-  def __iter__(self) -> grain.DatasetIterator:
-    return _JsonStateIterator(self._parent.__iter__())
+    def __iter__(self) -> grain.DatasetIterator:
+        return _JsonStateIterator(self._parent.__iter__())
 
 
 class _JsonStateIterator(grain.DatasetIterator):
+    def __next__(self):
+        return next(self._parent)
 
-  def __next__(self):
-    return next(self._parent)
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
 
-  def get_state(self) -> dict[str, Any]:
-    return self._parent.get_state()
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(_slices_as_tuples(state))
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(_slices_as_tuples(state))
 
 
 def _slices_as_tuples(state: Any) -> Any:
-  if isinstance(state, dict):
-    return {
-        k: ({f: tuple(sl) for f, sl in v.items()} if k == "remainder_slices" else _slices_as_tuples(v))
-        for k, v in state.items()
-    }
-  if isinstance(state, list):
-    return [_slices_as_tuples(v) for v in state]
-  return state
+    if isinstance(state, dict):
+        return {
+            k: (
+                {f: tuple(sl) for f, sl in v.items()}
+                if k == "remainder_slices"
+                else _slices_as_tuples(v)
+            )
+            for k, v in state.items()
+        }
+    if isinstance(state, list):
+        return [_slices_as_tuples(v) for v in state]
+    return state
 
 
-def _shard(docs: grain.MapDataset, index: int, count: int, split: str, *, strict: bool) -> grain.MapDataset:
-  if len(docs) >= count:
-    return docs[index::count]
-  if strict:
-    raise ValueError(
-        f"Split {split!r} has {len(docs)} documents, fewer than the {count} processes that must "
-        "each read a disjoint share; use a larger corpus or fewer processes."
+def _shard(
+    docs: grain.MapDataset, index: int, count: int, split: str, *, strict: bool
+) -> grain.MapDataset:
+    if len(docs) >= count:
+        return docs[index::count]
+    if strict:
+        raise ValueError(
+            f"Split {split!r} has {len(docs)} documents, fewer than the {count} processes that must "
+            "each read a disjoint share; use a larger corpus or fewer processes."
+        )
+    # Evaluation only: every process evaluates the whole (tiny) split rather than nothing.
+    logging.warning(
+        "Split %r has %d documents for %d processes; each process reads all of them.",
+        split,
+        len(docs),
+        count,
     )
-  # Evaluation only: every process evaluates the whole (tiny) split rather than nothing.
-  logging.warning("Split %r has %d documents for %d processes; each process reads all of them.",
-                  split, len(docs), count)
-  return docs
+    return docs
 
 
 def _process(index: int | None, count: int | None) -> tuple[int, int]:
-  if index is None or count is None:
-    import jax  # pylint: disable=g-import-not-at-top
+    if index is None or count is None:
+        import jax  # pylint: disable=g-import-not-at-top
 
-    index = jax.process_index() if index is None else index
-    count = jax.process_count() if count is None else count
-  if not 0 <= index < count:
-    raise ValueError(f"process_index must be in [0, {count}), got {index}.")
-  return index, count
+        index = jax.process_index() if index is None else index
+        count = jax.process_count() if count is None else count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index must be in [0, {count}), got {index}.")
+    return index, count
 
 
 def _rows_per_process(batch_size: int, process_count: int) -> int:
-  if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(
-        f"The global batch size {batch_size} must be a positive multiple of the {process_count} "
-        "processes, each of which loads an equal share; change the batch size."
-    )
-  return batch_size // process_count
+    if batch_size <= 0 or batch_size % process_count:
+        raise ValueError(
+            f"The global batch size {batch_size} must be a positive multiple of the {process_count} "
+            "processes, each of which loads an equal share; change the batch size."
+        )
+    return batch_size // process_count
 
 
 def _record_spec(workdir: str, data_cfg, tokenizer: Tokenizer, **settings: Any) -> None:
-  spec = {
-      "data": {k: data_cfg[k] for k in sorted(data_cfg.keys())},
-      "tokenizer_vocab_size": tokenizer.vocab_size,
-      **settings,
-  }
-  spec = json.loads(json.dumps(spec, default=str))  # Plain JSON types, comparable after reload.
-  path = os.path.join(workdir, "data_spec.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    if previous != spec:
-      changed = sorted(k for k in spec.keys() | previous.keys() if spec.get(k) != previous.get(k))
-      logging.warning(
-          "The data pipeline differs from the one recorded in %s (%s); a restored iterator "
-          "position refers to the old stream.", path, ", ".join(changed))
-  os.makedirs(workdir, exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(spec, f, indent=2, sort_keys=True)
+    spec = {
+        "data": {k: data_cfg[k] for k in sorted(data_cfg.keys())},
+        "tokenizer_vocab_size": tokenizer.vocab_size,
+        **settings,
+    }
+    spec = json.loads(json.dumps(spec, default=str))  # Plain JSON types, comparable after reload.
+    path = os.path.join(workdir, "data_spec.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous != spec:
+            changed = sorted(
+                k for k in spec.keys() | previous.keys() if spec.get(k) != previous.get(k)
+            )
+            logging.warning(
+                "The data pipeline differs from the one recorded in %s (%s); a restored iterator "
+                "position refers to the old stream.",
+                path,
+                ", ".join(changed),
+            )
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(spec, f, indent=2, sort_keys=True)

@@ -8,18 +8,18 @@ import numpy as np
 
 
 def unigram_entropy(batches: Iterable[Mapping[str, np.ndarray]]) -> float:
-  """Cross-entropy in nats per token of the best model that knows only token frequencies.
+    """Cross-entropy in nats per token of the best model that knows only token frequencies.
 
-  Computed on the batches' own targets (padding excluded): the entropy of their empirical
-  unigram distribution. A language model whose loss is not below this has learned no context.
-  """
-  counts = np.zeros(0, dtype=np.int64)
-  for batch in batches:
-    targets = np.asarray(batch["targets"])[np.asarray(batch["segment_ids"]) != 0]
-    batch_counts = np.bincount(targets.ravel(), minlength=len(counts))
-    counts = np.pad(counts, (0, len(batch_counts) - len(counts))) + batch_counts
-  total = counts.sum()
-  if total == 0:
-    raise ValueError("The batches contain no target tokens (all padding).")
-  p = counts[counts > 0] / total
-  return float(-(p * np.log(p)).sum())
+    Computed on the batches' own targets (padding excluded): the entropy of their empirical
+    unigram distribution. A language model whose loss is not below this has learned no context.
+    """
+    counts = np.zeros(0, dtype=np.int64)
+    for batch in batches:
+        targets = np.asarray(batch["targets"])[np.asarray(batch["segment_ids"]) != 0]
+        batch_counts = np.bincount(targets.ravel(), minlength=len(counts))
+        counts = np.pad(counts, (0, len(batch_counts) - len(counts))) + batch_counts
+    total = counts.sum()
+    if total == 0:
+        raise ValueError("The batches contain no target tokens (all padding).")
+    p = counts[counts > 0] / total
+    return float(-(p * np.log(p)).sum())

@@ -30,56 +30,56 @@ _TRAIN_THREADS = 4
 
 
 class Tokenizer:
-  """A SentencePiece model with the ids the pipeline relies on."""
+    """A SentencePiece model with the ids the pipeline relies on."""
 
-  pad_id = PAD_ID
+    pad_id = PAD_ID
 
-  def __init__(self, model_proto: bytes, path: str | None = None):
-    self._proto = model_proto
-    self.path = path
-    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
-    if self._sp.pad_id() != PAD_ID:
-      raise ValueError(
-          f"Tokenizer {path or ''} has pad id {self._sp.pad_id()}, but llmjax needs pad id 0 "
-          "(segment id 0 and the loss mask mean padding); train one with train_tokenizer()."
-      )
+    def __init__(self, model_proto: bytes, path: str | None = None):
+        self._proto = model_proto
+        self.path = path
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        if self._sp.pad_id() != PAD_ID:
+            raise ValueError(
+                f"Tokenizer {path or ''} has pad id {self._sp.pad_id()}, but llmjax needs pad id 0 "
+                "(segment id 0 and the loss mask mean padding); train one with train_tokenizer()."
+            )
 
-  @classmethod
-  def load(cls, path: str | os.PathLike) -> Tokenizer:
-    return cls(epath.Path(path).read_bytes(), path=os.fspath(path))
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        return cls(epath.Path(path).read_bytes(), path=os.fspath(path))
 
-  @property
-  def vocab_size(self) -> int:
-    return self._sp.vocab_size()
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.vocab_size()
 
-  @property
-  def unk_id(self) -> int:
-    return self._sp.unk_id()
+    @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
 
-  @property
-  def bos_id(self) -> int:
-    return self._sp.bos_id()
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
 
-  @property
-  def eos_id(self) -> int:
-    return self._sp.eos_id()
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
 
-  def encode(self, text: str) -> list[int]:
-    return self._sp.encode(text)
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
 
-  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-    # SentencePiece renders pad/bos/eos as nothing, so decoding a padded row is fine.
-    return self._sp.decode([int(i) for i in ids])
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        # SentencePiece renders pad/bos/eos as nothing, so decoding a padded row is fine.
+        return self._sp.decode([int(i) for i in ids])
 
-  # Pickled by value (the serialized model, a few hundred KB) so grain worker processes can use it.
-  def __getstate__(self):
-    return {"model_proto": self._proto, "path": self.path}
+    # Pickled by value (the serialized model, a few hundred KB) so grain worker processes can use it.
+    def __getstate__(self):
+        return {"model_proto": self._proto, "path": self.path}
 
-  def __setstate__(self, state):
-    self.__init__(state["model_proto"], state["path"])
+    def __setstate__(self, state):
+        self.__init__(state["model_proto"], state["path"])
 
-  def __repr__(self) -> str:
-    return f"Tokenizer(vocab_size={self.vocab_size}, path={self.path!r})"
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, path={self.path!r})"
 
 
 def train_tokenizer(
@@ -89,123 +89,129 @@ def train_tokenizer(
     *,
     max_chars: int = DEFAULT_TRAIN_CHARS,
 ) -> Tokenizer:
-  """Trains a BPE tokenizer on (the first `max_chars` characters of) `texts`; saves it if asked.
+    """Trains a BPE tokenizer on (the first `max_chars` characters of) `texts`; saves it if asked.
 
-  `vocab_size` is an upper bound: BPE cannot learn more pieces than a small corpus has pairs to
-  merge, and SentencePiece then fails unless `hard_vocab_limit=False`, which we always pass. On a
-  corpus big enough it makes no difference; on a tiny one the vocabulary comes out smaller (with a
-  warning), which a model with a larger `vocab_size` accepts (see `check_vocab`).
-  """
-  start = time.perf_counter()
-  model = io.BytesIO()
-  try:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_chunks(texts, max_chars),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,
-        byte_fallback=True,
-        pad_id=PAD_ID,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        max_sentence_length=_MAX_SENTENCE_BYTES,
-        # The pieces do not depend on the thread count, but the saved model records it: a fixed
-        # count makes the .model file byte-identical on every machine.
-        num_threads=_TRAIN_THREADS,
-        minloglevel=2,
+    `vocab_size` is an upper bound: BPE cannot learn more pieces than a small corpus has pairs to
+    merge, and SentencePiece then fails unless `hard_vocab_limit=False`, which we always pass. On a
+    corpus big enough it makes no difference; on a tiny one the vocabulary comes out smaller (with a
+    warning), which a model with a larger `vocab_size` accepts (see `check_vocab`).
+    """
+    start = time.perf_counter()
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_chunks(texts, max_chars),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            byte_fallback=True,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            max_sentence_length=_MAX_SENTENCE_BYTES,
+            # The pieces do not depend on the thread count, but the saved model records it: a fixed
+            # count makes the .model file byte-identical on every machine.
+            num_threads=_TRAIN_THREADS,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        if "smaller than required_chars" not in str(e):
+            raise
+        raise ValueError(
+            f"A vocab_size of {vocab_size} cannot hold every distinct character of the corpus "
+            "(SentencePiece said: " + str(e).split("]")[-1].strip() + "); increase the vocab size."
+        ) from e
+    tokenizer = Tokenizer(model.getvalue(), path=os.fspath(model_path) if model_path else None)
+    if tokenizer.vocab_size < vocab_size:
+        logging.warning(
+            "The tokenizer corpus supports only %d of the %d requested pieces; using %d.",
+            tokenizer.vocab_size,
+            vocab_size,
+            tokenizer.vocab_size,
+        )
+    logging.info(
+        "Trained a %d-piece tokenizer in %.1f s.", tokenizer.vocab_size, time.perf_counter() - start
     )
-  except RuntimeError as e:
-    if "smaller than required_chars" not in str(e):
-      raise
-    raise ValueError(
-        f"A vocab_size of {vocab_size} cannot hold every distinct character of the corpus "
-        "(SentencePiece said: " + str(e).split("]")[-1].strip() + "); increase the vocab size."
-    ) from e
-  tokenizer = Tokenizer(model.getvalue(), path=os.fspath(model_path) if model_path else None)
-  if tokenizer.vocab_size < vocab_size:
-    logging.warning(
-        "The tokenizer corpus supports only %d of the %d requested pieces; using %d.",
-        tokenizer.vocab_size, vocab_size, tokenizer.vocab_size,
-    )
-  logging.info("Trained a %d-piece tokenizer in %.1f s.", tokenizer.vocab_size, time.perf_counter() - start)
-  if model_path:
-    _write_atomically(epath.Path(model_path), model.getvalue())
-  return tokenizer
+    if model_path:
+        _write_atomically(epath.Path(model_path), model.getvalue())
+    return tokenizer
 
 
 def load_or_train_tokenizer(data_cfg, vocab_size: int, workdir: str | os.PathLike) -> Tokenizer:
-  """The tokenizer a run uses: `data.tokenizer` if set, else WORKDIR/tokenizer.model, else new.
+    """The tokenizer a run uses: `data.tokenizer` if set, else WORKDIR/tokenizer.model, else new.
 
-  A new one is trained on a deterministic sample (`data.tokenizer_train_chars`, default 5 M
-  characters) of the train split and saved in the workdir, so a resumed run reuses it. Every host
-  of a multi-host run trains the same model from the same corpus, so it does not matter which
-  host's file lands last.
-  """
-  if path := data_cfg.get("tokenizer", ""):
-    return Tokenizer.load(path)
-  path = epath.Path(workdir) / "tokenizer.model"
-  if path.exists():
-    return Tokenizer.load(path)
-  source = corpus.load_split(data_cfg, data_cfg.get("split_train", "train"))
-  max_chars = int(data_cfg.get("tokenizer_train_chars", DEFAULT_TRAIN_CHARS))
-  return train_tokenizer(_sample_documents(source, max_chars), vocab_size, path, max_chars=max_chars)
-
-
-def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
-  """Fails if the tokenizer can produce ids the model's embedding has no row for."""
-  if tokenizer.vocab_size > model_vocab_size:
-    raise ValueError(
-        f"The tokenizer ({tokenizer.path or 'in memory'}) has {tokenizer.vocab_size} pieces but "
-        f"model.vocab_size is {model_vocab_size}, so some token ids would be out of range; set "
-        f"model.vocab_size to at least {tokenizer.vocab_size} or point data.tokenizer at a "
-        "smaller tokenizer."
+    A new one is trained on a deterministic sample (`data.tokenizer_train_chars`, default 5 M
+    characters) of the train split and saved in the workdir, so a resumed run reuses it. Every host
+    of a multi-host run trains the same model from the same corpus, so it does not matter which
+    host's file lands last.
+    """
+    if path := data_cfg.get("tokenizer", ""):
+        return Tokenizer.load(path)
+    path = epath.Path(workdir) / "tokenizer.model"
+    if path.exists():
+        return Tokenizer.load(path)
+    source = corpus.load_split(data_cfg, data_cfg.get("split_train", "train"))
+    max_chars = int(data_cfg.get("tokenizer_train_chars", DEFAULT_TRAIN_CHARS))
+    return train_tokenizer(
+        _sample_documents(source, max_chars), vocab_size, path, max_chars=max_chars
     )
 
 
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+    """Fails if the tokenizer can produce ids the model's embedding has no row for."""
+    if tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(
+            f"The tokenizer ({tokenizer.path or 'in memory'}) has {tokenizer.vocab_size} pieces but "
+            f"model.vocab_size is {model_vocab_size}, so some token ids would be out of range; set "
+            f"model.vocab_size to at least {tokenizer.vocab_size} or point data.tokenizer at a "
+            "smaller tokenizer."
+        )
+
+
 def _sample_documents(source: Sequence[str], max_chars: int) -> Iterator[str]:
-  """Documents in a fixed pseudo-random order until `max_chars`: a sample of the whole corpus
-  rather than its first files (which may all be one kind), identical on every run and host."""
-  order = np.random.default_rng(0).permutation(len(source))
-  total = 0
-  for i in order:
-    if total >= max_chars:
-      return
-    text = source[int(i)]
-    total += len(text)
-    yield text
+    """Documents in a fixed pseudo-random order until `max_chars`: a sample of the whole corpus
+    rather than its first files (which may all be one kind), identical on every run and host."""
+    order = np.random.default_rng(0).permutation(len(source))
+    total = 0
+    for i in order:
+        if total >= max_chars:
+            return
+        text = source[int(i)]
+        total += len(text)
+        yield text
 
 
 def _training_chunks(texts: Iterable[str], max_chars: int) -> Iterator[str]:
-  """Groups of whole lines (newlines kept, so BPE learns them) of at most _CHUNK_CHARS."""
-  remaining = max_chars
-  for text in texts:
-    text = text[:remaining]
-    remaining -= len(text)
-    chunk, size = [], 0
-    for line in text.splitlines(keepends=True):
-      while len(line) > _CHUNK_CHARS:  # A pathological line: cut it rather than lose it.
-        yield line[:_CHUNK_CHARS]
-        line = line[_CHUNK_CHARS:]
-      if size + len(line) > _CHUNK_CHARS:
-        yield "".join(chunk)
+    """Groups of whole lines (newlines kept, so BPE learns them) of at most _CHUNK_CHARS."""
+    remaining = max_chars
+    for text in texts:
+        text = text[:remaining]
+        remaining -= len(text)
         chunk, size = [], 0
-      chunk.append(line)
-      size += len(line)
-    if chunk:
-      yield "".join(chunk)
-    if remaining <= 0:
-      return
+        for line in text.splitlines(keepends=True):
+            while len(line) > _CHUNK_CHARS:  # A pathological line: cut it rather than lose it.
+                yield line[:_CHUNK_CHARS]
+                line = line[_CHUNK_CHARS:]
+            if size + len(line) > _CHUNK_CHARS:
+                yield "".join(chunk)
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            yield "".join(chunk)
+        if remaining <= 0:
+            return
 
 
 def _write_atomically(path: epath.Path, data: bytes) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  tmp.write_bytes(data)
-  tmp.rename(path)  # Readers see the old file or the whole new one, never half of it.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_bytes(data)
+    tmp.rename(path)  # Readers see the old file or the whole new one, never half of it.
