@@ -58,8 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor)
     c.sharding_rules = DEFAULT_RULES
 
-    c.sample = ml_collections.ConfigDict(dict(prompt="def", max_new_tokens=64, temperature=0.0,
-                                              top_k=0))
+    c.sample = ml_collections.ConfigDict(dict(prompt="def", max_new_tokens=64, temperature=0.8,
+                                              top_k=40))  # temperature 0: greedy
     return c
 
 

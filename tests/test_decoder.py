@@ -196,5 +196,7 @@ def test_bad_model_configs_name_the_key():
         ModelConfig(**{**TINY, "num_kv_heads": 3})
     with pytest.raises(ValueError, match="remat_policy"):
         ModelConfig(**TINY, remat_policy="sometimes")
+    with pytest.raises(ValueError, match="attention='cudnn' needs model.dtype bfloat16"):
+        ModelConfig(**TINY, attention="cudnn")
     with pytest.raises(ValueError, match="unknown keys"):
         ModelConfig.from_config({**TINY, "n_layers": 2})

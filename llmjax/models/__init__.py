@@ -33,6 +33,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
+    attention: str = "xla"  # xla (portable) | cudnn (fused kernel, NVIDIA GPUs, bf16/fp16)
 
     @classmethod
     def from_config(cls, section: Any) -> "ModelConfig":
@@ -65,9 +66,13 @@ class ModelConfig:
         for key, choices in (("position", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
                              ("activation", ("gelu", "swiglu")),
                              ("dtype", ("float32", "bfloat16", "float16")),
-                             ("param_dtype", ("float32", "bfloat16"))):
+                             ("param_dtype", ("float32", "bfloat16")),
+                             ("attention", ("xla", "cudnn"))):
             if getattr(self, key) not in choices:
                 raise ValueError(f"model.{key}={getattr(self, key)!r} is not one of {choices}.")
+        if self.attention == "cudnn" and (self.dropout_rate > 0 or self.dtype == "float32"):
+            raise ValueError("model.attention='cudnn' needs model.dtype bfloat16 or float16 and "
+                             "model.dropout_rate=0; use model.attention='xla' otherwise.")
         if self.family != "decoder":
             raise ValueError(f"model.family={self.family!r} is not supported; use 'decoder'.")
 

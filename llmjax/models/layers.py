@@ -132,11 +132,15 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, *, causal: bool) -> jax.Array:
     """Boolean [batch, 1, 1, q_len, kv_len]: a query sees keys of its own segment (and, if causal,
-    not after itself). Segment 0 is padding and is never attended to."""
+    not after itself). Segment 0 is padding: no real token attends to it."""
+    q_len, kv_len = q_segments.shape[1], kv_segments.shape[1]
     mask = (q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_segments[:, None, :] != 0)
     if causal:
-        q_len, kv_len = q_segments.shape[1], kv_segments.shape[1]
         mask &= jnp.tril(jnp.ones((q_len, kv_len), bool), kv_len - q_len)
+    if q_len == kv_len:
+        # A padding query would see no key at all; fused kernels turn such all-masked rows into
+        # NaN gradients. Letting it see itself changes no real position's output.
+        mask |= jnp.eye(q_len, dtype=bool) & (q_segments[:, :, None] == 0)
     return mask[:, None, None]
 
 
@@ -169,6 +173,7 @@ class Attention(nnx.Module):
         self.out = Linear((n, hd), (d,), ("heads", "head_dim", "embed"), **kw)
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         self.dropout_rate = cfg.dropout_rate
+        self.implementation = cfg.attention
 
     def __call__(self, x, mask, positions, dropout_key=None):
         q, k, v = self.query(x), self.key(x), self.value(x)
@@ -177,8 +182,12 @@ class Attention(nnx.Module):
         q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"))
         k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
-        out = dot_product_attention(q, k, v, mask, dropout_rate=self.dropout_rate,
-                                    dropout_key=dropout_key)
+        if self.implementation == "cudnn":
+            # cuDNN's fused (flash) kernel on NVIDIA GPUs: the [t, s] logits never reach memory.
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, :, 0], implementation="cudnn")
+        else:
+            out = dot_product_attention(q, k, v, mask, dropout_rate=self.dropout_rate,
+                                        dropout_key=dropout_key)
         return self.out(out)
 
 
