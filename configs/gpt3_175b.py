@@ -11,15 +11,23 @@ On a laptop CPU, the same architecture shrunk:
     python -m llmjax.main --config=configs/gpt3_175b.py:runlocal --workdir=/tmp/gpt3_local
 """
 
-from llmjax.config import base_config, parse_arg, runlocal
+from llmjax.config import GPT2_STYLE, base_config, parse_arg, runlocal
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, runlocal=False)
     c = base_config()
-    c.model.update(vocab_size=50257, d_model=12288, num_layers=96, num_heads=96, mlp_dim=49152,
-                   max_len=2048, position="learned", norm="layernorm", activation="gelu",
-                   use_bias=True, tie_embeddings=True, dtype="bfloat16", remat_policy="full")
+    c.model.update(
+        **GPT2_STYLE,
+        vocab_size=50257,
+        d_model=12288,
+        num_layers=96,
+        num_heads=96,
+        mlp_dim=49152,
+        max_len=2048,
+        dtype="bfloat16",
+        remat_policy="full",
+    )
     c.seq_len = 2048
     c.batch_size = 1536  # 3.2M tokens, as the paper
     c.total_steps = 95_000

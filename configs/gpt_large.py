@@ -9,15 +9,21 @@ On a laptop CPU, the same architecture shrunk to run in minutes:
     python -m llmjax.main --config=configs/gpt_large.py:runlocal --workdir=/tmp/gpt_large_local
 """
 
-from llmjax.config import base_config, parse_arg, runlocal
+from llmjax.config import GPT2_STYLE, base_config, parse_arg, runlocal
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, runlocal=False)
     c = base_config()
-    c.model.update(vocab_size=50257, d_model=1280, num_layers=36, num_heads=20, mlp_dim=5120,
-                   max_len=1024, position="learned", norm="layernorm", activation="gelu",
-                   use_bias=True, tie_embeddings=True, norm_eps=1e-5)
+    c.model.update(
+        **GPT2_STYLE,
+        vocab_size=50257,
+        d_model=1280,
+        num_layers=36,
+        num_heads=20,
+        mlp_dim=5120,
+        max_len=1024,
+    )
     c.seq_len = 1024
     c.batch_size = 512  # ~0.5M tokens a step, as GPT-2/3 at this size
     c.total_steps = 100_000

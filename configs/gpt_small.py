@@ -10,15 +10,21 @@ On a laptop CPU, the same architecture shrunk to run in minutes:
 OpenWebText-scale corpora reach val loss ~2.9 after ~600k steps of 0.5M tokens; on the stdlib corpus :runlocal reaches eval loss ~2 in minutes
 """
 
-from llmjax.config import base_config, parse_arg, runlocal
+from llmjax.config import GPT2_STYLE, base_config, parse_arg, runlocal
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, runlocal=False)
     c = base_config()
-    c.model.update(vocab_size=50257, d_model=768, num_layers=12, num_heads=12, mlp_dim=3072,
-                   max_len=1024, position="learned", norm="layernorm", activation="gelu",
-                   use_bias=True, tie_embeddings=True, norm_eps=1e-5)
+    c.model.update(
+        **GPT2_STYLE,
+        vocab_size=50257,
+        d_model=768,
+        num_layers=12,
+        num_heads=12,
+        mlp_dim=3072,
+        max_len=1024,
+    )
     c.seq_len = 1024
     c.batch_size = 512  # ~0.5M tokens a step, as GPT-2/3 at this size
     c.total_steps = 100_000

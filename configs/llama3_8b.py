@@ -9,22 +9,37 @@ On a laptop CPU, the same architecture shrunk to run in minutes:
     python -m llmjax.main --config=configs/llama3_8b.py:runlocal --workdir=/tmp/llama3_8b_local
 """
 
-from llmjax.config import base_config, parse_arg, runlocal
+from llmjax.config import LLAMA_STYLE, base_config, parse_arg, runlocal
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, runlocal=False)
     c = base_config()
-    c.model.update(vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-                   mlp_dim=14336, max_len=8192, position="rope", rope_theta=500000.0,
-                   norm="rmsnorm", norm_eps=1e-5, activation="swiglu", use_bias=False,
-                   tie_embeddings=False, dtype="bfloat16", remat_policy="full")
+    c.model.update(
+        **LLAMA_STYLE,
+        vocab_size=128256,
+        d_model=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        mlp_dim=14336,
+        max_len=8192,
+        rope_theta=500000.0,
+        dtype="bfloat16",
+        remat_policy="full",
+    )
     c.seq_len = 8192
     c.batch_size = 512  # 4M tokens a step, as the paper
     c.total_steps = 500_000
     c.mesh.shape = (1, -1, 1)
-    c.optim.update(learning_rate=0.0003, b2=0.95, eps=1e-5, warmup_steps=2000, schedule="cosine",
-                   weight_decay=0.1)
+    c.optim.update(
+        learning_rate=0.0003,
+        b2=0.95,
+        eps=1e-5,
+        warmup_steps=2000,
+        schedule="cosine",
+        weight_decay=0.1,
+    )
     if arg.runlocal:
         runlocal(c)
     return c

@@ -15,6 +15,13 @@ from llmjax.models import ModelConfig
 from llmjax.sharding import DEFAULT_RULES
 
 
+# The two decoder styles; a config file adds its published shape to one of them.
+GPT2_STYLE = dict(position="learned", norm="layernorm", norm_eps=1e-5, activation="gelu",
+                  use_bias=True, tie_embeddings=True)
+LLAMA_STYLE = dict(position="rope", norm="rmsnorm", norm_eps=1e-5, activation="swiglu",
+                   use_bias=False, tie_embeddings=False)
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
