@@ -137,6 +137,17 @@ def test_unprepared_catalog_dataset_says_how_to_prepare_it(tmp_path):
         corpus.load_split(_cfg(name="lm1b", data_dir=str(tmp_path)), "train")
 
 
+def test_prepared_tfds_dataset_is_read_by_name(text_cfg):
+    """The catalog path: any array_record TFDS dataset in data_dir, read by its registered name
+    (here one our builder prepared, since catalog datasets cannot be downloaded offline)."""
+    builder = corpus.prepare(text_cfg)
+    by_name = _cfg(name=f"{builder.name}/{builder.builder_config.name}", data_dir=text_cfg.data_dir)
+    for split in ("train", "validation"):
+        local, catalog = corpus.load_split(text_cfg, split), corpus.load_split(by_name, split)
+        assert len(catalog) == len(local) > 0
+        assert [catalog[i] for i in range(len(catalog))] == [local[i] for i in range(len(local))]
+
+
 def test_data_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("LLMJAX_DATA_DIR", str(tmp_path))
     assert corpus.resolve_data_dir(_cfg()) == str(tmp_path)

@@ -37,6 +37,21 @@ def test_mesh_matches_single_device(devices, style, shape):
     assert single[-1] < single[0]  # it learns, so equal losses are not equal constants
 
 
+@pytest.mark.parametrize("overrides, tol", [
+    ({"optim.name": "adafactor"}, 2e-5),
+    ({"model.dtype": "bfloat16"}, 2e-2),  # bf16 matmuls: reduction order moves the last bits
+    ({"model.remat_policy": "full", "model.dropout_rate": 0.1}, 2e-5),
+], ids=["adafactor", "bfloat16", "remat_dropout"])
+def test_variants_match_single_device_on_2x2x2(devices, overrides, tol):
+    config = tiny_config("llama", **overrides)
+    batches = synthetic_batches(config, 1) * 3
+    single, _, _ = run_losses(config, batches, devices[:1])
+    config.mesh.shape = (2, 2, 2)
+    sharded, _, _ = run_losses(config, batches)
+    np.testing.assert_allclose(sharded, single, rtol=tol, atol=tol)
+    assert single[-1] < single[0]
+
+
 def test_parameters_are_actually_sharded(devices):
     config = tiny_config("llama", **{"mesh.shape": (1, 2, 4)})
     _, _, state = run_losses(config, synthetic_batches(config, 1))

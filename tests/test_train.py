@@ -104,6 +104,17 @@ def test_describe_prints_one_json_line():
     assert info["flops_per_token"] > 6 * info["params"]
 
 
+def test_benchmark_prints_its_figures():
+    out = run_cli("llmjax.benchmark", "--config=configs/llama2_7b.py:runlocal", "--steps=2",
+                  "--warmup=1", "--config.batch_size=8", "--config.seq_len=64",
+                  "--config.mesh.shape=(2,2,2)")
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("tokens_per_sec", "mfu", "step_time_ms", "compile_s", "peak_memory_bytes_per_device"):
+        assert result[key] > 0, key
+    assert result["mesh"] == [2, 2, 2] and result["devices"] == 8
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config.not_a_key=1"], "not_a_key"),
     (["--config.total_steps=many"], "total_steps"),
