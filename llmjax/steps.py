@@ -160,7 +160,7 @@ def build(config, mesh) -> Built:
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state}
         metrics = {"loss": loss_sum / denom, "accuracy": correct / denom,
-                   "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state["step"]),
+                   "grad_norm": optim.global_norm(grads), "learning_rate": schedule(state["step"]),
                    "tokens": count}
         return new_state, metrics
 

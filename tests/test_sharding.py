@@ -18,6 +18,8 @@ def run_losses(config, batches, devices=None):
         for local in batches:
             state, m = built.train_step(state, sharding.global_batch(local, built.batch_sharding))
             losses.append(float(m["loss"]))
+        evaluated = built.eval_step(state["params"], sharding.global_batch(batches[0], built.batch_sharding))
+        losses.append(float(evaluated["loss_sum"] / evaluated["count"]))  # the eval path too
         params = jax.device_get(state["params"])
     return np.array(losses), params, state
 
