@@ -5,7 +5,7 @@
 #     bash launch/tpu_vm.sh --config=configs/gpt_small.py --config.mesh.shape="(1,-1,1)"
 set -euo pipefail
 : "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR (gs://...)}"
-REPO=${REPO:-https://github.com/llmjax/llmjax.git}
+REPO=${REPO:-https://github.com/llmjax/llmjax.git}  # or your fork: REPO=... bash launch/tpu_vm.sh
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command "
   set -e
   [ -d llmjax ] || git clone $REPO llmjax
