@@ -40,6 +40,14 @@ class LlmjaxText(tfds.core.GeneratorBasedBuilder):
     # dependency here). We download nothing, so there are no checksums to find.
     code_path = None
 
+    # TFDS prints download sizes before and after a build; nothing is downloaded here and `prepare`
+    # says what it builds in one line.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     @classmethod
     def get_builder_config(cls, name: str, version=None) -> tfds.core.BuilderConfig:
         # Every name is a valid config: it is the hash of a document list (see `prepare`). Saying so
@@ -117,20 +125,26 @@ def prepare(data_cfg) -> LlmjaxText:
     key = (data_dir, config_name)
     if key in _PREPARED:
         return _PREPARED[key]
-    builder = make_builder()
-    if builder.is_prepared():
+    with _quiet_tfds():
+        builder = make_builder()
+        prepared = builder.is_prepared()
+    if prepared:
         _PREPARED[key] = builder
         return builder
     # Two processes (pytest workers, hosts sharing a disk) may build the same corpus at once. TFDS
     # writes into a temporary dir and renames it, but the loser's rename would fail on the existing
     # dir; an exclusive lock makes the second one wait and then reuse the first one's result.
-    with _file_lock(os.path.join(data_dir, LlmjaxText.name, f"{config_name}.lock")), _quiet_tfds():
-        builder = make_builder()  # Re-created: TFDS only looks for prepared data on construction.
-        if not builder.is_prepared():
-            logging.info(
-                "Building corpus %s (%d documents) in %s", config_name, len(docs), data_dir
+    with _file_lock(os.path.join(data_dir, LlmjaxText.name, f"{config_name}.lock")):
+        with _quiet_tfds():
+            builder = make_builder()  # Re-created: TFDS only looks for prepared data on construction.
+            prepared = builder.is_prepared()
+        if not prepared:
+            logging.warning(
+                "Building corpus %s (%d documents) in %s once; later runs reuse it.",
+                config_name, len(docs), data_dir,
             )
-            builder.download_and_prepare()
+            with _quiet_tfds():
+                builder.download_and_prepare()
     _PREPARED[key] = builder
     return builder
 
