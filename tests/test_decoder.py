@@ -70,7 +70,7 @@ def make(cfg, seed=0):
 def reference_forward(cfg, p, tokens):
     """A plain float64 numpy decoder, one layer at a time, written from the papers."""
     p = jax.tree.map(lambda x: np.asarray(x, np.float64), p)
-    L, (b, t) = cfg.num_layers, tokens.shape
+    L, t = cfg.num_layers, tokens.shape[1]
     x = p["token_embed"]["embedding"][tokens]
     pos = np.arange(t)
     if cfg.position == "learned":
