@@ -161,7 +161,7 @@ def build(config, mesh) -> Built:
                      "opt_state": opt_state}
         metrics = {"loss": loss_sum / denom, "accuracy": correct / denom,
                    "grad_norm": optim.global_norm(grads), "learning_rate": schedule(state["step"]),
-                   "tokens": count}
+                   "loss_tokens": count}  # target tokens the loss scored (padding excluded)
         return new_state, metrics
 
     def eval_step(params, batch):

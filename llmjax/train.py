@@ -122,6 +122,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                record["loss_tokens"] = int(record["loss_tokens"])
                 elapsed = time.perf_counter() - t_log
                 record["step_time_ms"] = 1e3 * elapsed / steps_since_log
                 record["tokens_per_sec"] = tokens_per_step * steps_since_log / elapsed
