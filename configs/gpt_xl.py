@@ -9,7 +9,7 @@ On a laptop CPU, the same architecture shrunk to run in minutes:
     python -m llmjax.main --config=configs/gpt_xl.py:runlocal --workdir=/tmp/gpt_xl_local
 """
 
-from llmjax.config import GPT2_STYLE, base_config, parse_arg, runlocal
+from llmjax.config import GPT2_STYLE, base_config, gpt2_recipe, parse_arg, runlocal
 
 
 def get_config(arg=None):
@@ -24,10 +24,7 @@ def get_config(arg=None):
         mlp_dim=6400,
         max_len=1024,
     )
-    c.seq_len = 1024
-    c.batch_size = 512  # ~0.5M tokens a step, as GPT-2/3 at this size
-    c.total_steps = 100_000
-    c.optim.update(learning_rate=0.0002, warmup_steps=2000, schedule="cosine", weight_decay=0.1)
+    gpt2_recipe(c, learning_rate=0.0002)
     if arg.runlocal:
         runlocal(c)
     return c

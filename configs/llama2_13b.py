@@ -9,7 +9,7 @@ On a laptop CPU, the same architecture shrunk to run in minutes:
     python -m llmjax.main --config=configs/llama2_13b.py:runlocal --workdir=/tmp/llama2_13b_local
 """
 
-from llmjax.config import LLAMA_STYLE, base_config, parse_arg, runlocal
+from llmjax.config import LLAMA_STYLE, base_config, llama_recipe, parse_arg, runlocal
 
 
 def get_config(arg=None):
@@ -25,21 +25,8 @@ def get_config(arg=None):
         mlp_dim=13824,
         max_len=4096,
         rope_theta=10000.0,
-        dtype="bfloat16",
-        remat_policy="full",
     )
-    c.seq_len = 4096
-    c.batch_size = 1024  # 4M tokens a step, as the paper
-    c.total_steps = 500_000
-    c.mesh.shape = (1, -1, 1)
-    c.optim.update(
-        learning_rate=0.0003,
-        b2=0.95,
-        eps=1e-5,
-        warmup_steps=2000,
-        schedule="cosine",
-        weight_decay=0.1,
-    )
+    llama_recipe(c, context=4096, learning_rate=0.0003)
     if arg.runlocal:
         runlocal(c)
     return c

@@ -22,6 +22,27 @@ LLAMA_STYLE = dict(position="rope", norm="rmsnorm", norm_eps=1e-5, activation="s
                    use_bias=False, tie_embeddings=False)
 
 
+def gpt2_recipe(c: ml_collections.ConfigDict, *, learning_rate: float) -> None:
+    """GPT-2/3-style pretraining at ~0.5M tokens a step, cosine decay after 2000 warmup steps."""
+    c.seq_len = 1024
+    c.batch_size = 512
+    c.total_steps = 100_000
+    c.optim.update(learning_rate=learning_rate, warmup_steps=2000, schedule="cosine",
+                   weight_decay=0.1)
+
+
+def llama_recipe(c: ml_collections.ConfigDict, *, context: int, learning_rate: float) -> None:
+    """The LLaMA papers' recipe: 4M tokens a step, AdamW (b2 0.95, eps 1e-5, wd 0.1), cosine
+    after 2000 warmup steps; bfloat16 compute, full remat and FSDP over every device."""
+    c.model.update(dtype="bfloat16", remat_policy="full")
+    c.seq_len = context
+    c.batch_size = 4 * 1024 * 1024 // context
+    c.total_steps = 500_000
+    c.mesh.shape = (1, -1, 1)
+    c.optim.update(learning_rate=learning_rate, b2=0.95, eps=1e-5, warmup_steps=2000,
+                   schedule="cosine", weight_decay=0.1)
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0

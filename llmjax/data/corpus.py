@@ -161,7 +161,7 @@ def load_split(data_cfg, split: str) -> TextSource:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except (
         tfds.core.registered.DatasetNotFoundError,
-        NotImplementedError,
+        NotImplementedError,  # TFDS's answer for a dataset prepared as tfrecord, not array_record
         FileNotFoundError,
         AssertionError,
     ) as e:
