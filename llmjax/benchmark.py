@@ -50,7 +50,7 @@ def benchmark(config, steps: int, warmup: int) -> dict:
         shape = (config.batch_size // jax.process_count(), config.seq_len)
         local = {"inputs": rng.integers(0, built.model_cfg.vocab_size, shape, dtype=np.int32),
                  "targets": rng.integers(0, built.model_cfg.vocab_size, shape, dtype=np.int32),
-                 "segment_ids": np.ones(shape, np.int32),
+                 "segment_ids": np.ones(shape, np.int32), "weights": np.ones(shape, np.int32),
                  "positions": np.broadcast_to(np.arange(config.seq_len, dtype=np.int32), shape).copy()}
         batch = sharding.global_batch(local, built.batch_sharding)
         for _ in range(warmup):

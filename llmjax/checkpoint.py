@@ -48,20 +48,19 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator, config: dict, *, force: bool = False) -> bool:
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator)),
-            config=ocp.args.JsonSave(config),
-        )
-        return self.manager.save(step, args=args, force=force)
+        """`data_iterator` may be None (a converted or exported checkpoint has no data position)."""
+        items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config))
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state: Any, data_iterator) -> Any:
         """Restores the train state onto the shardings in `abstract_state` and moves the data
-        iterator to its saved position (in place). Returns the restored train state."""
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator),
-        )
+        iterator to its saved position (in place; skipped when None). Returns the train state."""
+        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        args = ocp.args.Composite(**items)
         restored = self.manager.restore(step, args=args)
         logging.info("restored checkpoint at step %d from %s", step, self.directory)
         return restored["state"]
@@ -76,3 +75,40 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
+
+
+def resolve(path: str) -> tuple[epath.Path, int]:
+    """A workdir, its checkpoints/ folder, or one step's folder -> (checkpoints folder, step).
+
+    A workdir or checkpoints/ folder means its newest complete step."""
+    local = "://" not in str(path)
+    p = epath.Path(os.path.abspath(path) if local else path)
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if p.name.isdigit() and (p / "state").is_dir():
+        return p.parent, int(p.name)
+    steps = sorted(int(c.name) for c in p.iterdir() if c.name.isdigit()) if p.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"no llmjax checkpoint under {path}; give a workdir, its "
+                                "checkpoints/ folder or a checkpoints/<step> folder.")
+    return p, steps[-1]
+
+
+def restore_params(path: str, abstract_params: Any) -> tuple[Any, dict, int]:
+    """Only the parameters (and the saved config) of a checkpoint, for fine-tuning and generation.
+
+    `abstract_params` carries the target shardings; the optimizer state on disk is not read.
+    Returns (params, saved config dict, step)."""
+    directory, step = resolve(path)
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
+    item = {"params": abstract_params}
+    args = ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                     restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
+        config=ocp.args.JsonRestore())
+    restored = manager.restore(step, args=args)
+    manager.close()
+    return restored["state"]["params"], restored["config"], step

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llmjax import optim, sharding
 from llmjax.models import ModelConfig, build_model
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 
 
 def abstract_model(model_cfg: ModelConfig):
@@ -123,7 +123,7 @@ def build(config, mesh) -> Built:
     def loss_sums(params, batch, key):
         model = nnx.merge(graphdef, params)
         logits = model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key=key)
-        weights = (batch["segment_ids"] != 0).astype(jnp.float32)
+        weights = batch["weights"].astype(jnp.float32)
         loss_sum, count, correct = cross_entropy(logits, batch["targets"], weights)
         return loss_sum, (count, correct)
 

@@ -36,5 +36,6 @@ def synthetic_batches(config, n, seed=0):
         pos = np.where(seg == 1, np.arange(t)[None], np.arange(t)[None] - cut[:, None])
         pos = np.where(seg == 0, 0, pos).astype(np.int32)
         out.append({"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
-                    "segment_ids": seg, "positions": pos})
+                    "segment_ids": seg, "positions": pos,
+                    "weights": (seg != 0).astype(np.int32)})
     return out

@@ -285,7 +285,7 @@ def stdlib_batches(stdlib_cfg, tok):
 
 def test_batch_shapes_and_dtypes(stdlib_batches):
     for batch in stdlib_batches:
-        assert set(batch) == {"inputs", "targets", "segment_ids", "positions"}
+        assert set(batch) == {"inputs", "targets", "segment_ids", "positions", "weights"}
         for v in batch.values():
             assert v.shape == (8, SEQ_LEN) and v.dtype == np.int32
 

@@ -13,6 +13,7 @@ A batch is a dict of int32 numpy arrays, each `[batch_size // process_count, seq
   segment_ids      1, 2, 3... for the documents packed into a row; 0 marks padding (only eval's
                    or a finite stream's last row can have any). Attend only within a segment;
                    mask the loss with segment_ids != 0.
+  weights          1 where the target is scored by the loss, 0 elsewhere (padding).
   positions        position within the segment, 0 at its first token.
 A document longer than the room left in a row continues in the next row as a new segment whose
 positions start again at 0: the (inputs, targets) pairs are cut at row boundaries, which is the
@@ -164,6 +165,9 @@ def _model_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "targets": packed["targets"],
         "segment_ids": packed["inputs_segment_ids"],
         "positions": packed["inputs_positions"],
+        # The loss weight of each target: objectives (SFT, masked LM, span corruption) score only
+        # some positions; plain language modelling scores every non-padding one.
+        "weights": (packed["inputs_segment_ids"] != 0).astype(np.int32),
     }
 
 
