@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv with the pinned dependency set (requirements/lock.txt) and llmjax itself.
+# Creates .venv with the pinned dependency set (requirements/lock.txt) and llmjax itself; with
+# LLMJAX_TEST_EXTRA=1 also the test extra's pinned set (requirements/test-lock.txt).
 # Idempotent: a second run with the same lock file does nothing. Needs Python 3.11+ and access to
 # the package registry; PYTHON=/path/to/python3.x picks the interpreter.
 set -euo pipefail
@@ -13,12 +14,18 @@ sys.exit(0 if sys.version_info >= (3, 11) else 1)
 PY
 
 stamp="$VENV/.llmjax-installed"
-want="$(cat requirements/lock.txt pyproject.toml | cksum)"
+# LLMJAX_TEST_EXTRA=1 (scripts/test.sh) adds the test extra's pinned torch (CPU) + transformers.
+locks="requirements/lock.txt"
+if [ "${LLMJAX_TEST_EXTRA:-0}" = 1 ]; then locks="$locks requirements/test-lock.txt"; fi
+want="$(cat $locks pyproject.toml | cksum)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 echo "setting up $VENV (pinned dependencies from requirements/lock.txt) ..." >&2
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements/lock.txt
+if [ "${LLMJAX_TEST_EXTRA:-0}" = 1 ]; then
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements/test-lock.txt
+fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
 echo "$want" > "$stamp"
