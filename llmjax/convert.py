@@ -1,0 +1,161 @@
+"""Convert between Hugging Face model directories and llmjax checkpoints.
+
+    python -m llmjax.convert HF_DIR WORKDIR     # Hugging Face -> llmjax (checkpoints/0)
+    python -m llmjax.convert WORKDIR HF_DIR     # llmjax workdir / checkpoints/<step> -> Hugging Face
+
+The direction follows the source: a directory with config.json is a Hugging Face model; one with
+checkpoints/ (or a checkpoints/<step> folder) is llmjax's. An imported workdir holds
+checkpoints/0/{state, config} (step 0, fresh optimizer state, the full llmjax config),
+tokenizer.model when the Hugging Face directory has a SentencePiece one, and config.py, a config
+file for the trainer that reproduces the saved config with `init_from` pointing at the workdir:
+
+    python -m llmjax.main --config=WORKDIR/config.py --workdir=NEW_RUN
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+CONFIG_JSON = "llmjax_config.json"
+TOKENIZER = "tokenizer.model"
+
+_CONFIG_PY = '''"""Continue training the model converted into this directory by `python -m llmjax.convert`.
+
+    python -m llmjax.main --config={here}/config.py --workdir=NEW_RUN [--config.key=value ...]
+"""
+
+import json
+import os
+
+import ml_collections
+
+
+def get_config(arg=None):
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "{config_json}")) as f:
+        c = ml_collections.ConfigDict(json.load(f))
+    # JSON has no tuples; the trainer's overrides expect the schema's tuple types back.
+    c.mesh.shape = tuple(c.mesh.shape)
+    c.sharding_rules = tuple(tuple(rule) for rule in c.sharding_rules)
+    return c
+'''
+
+
+def _sentencepiece_ids(path: str) -> dict:
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=path)
+    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+    return {k: (v if v >= 0 else None) for k, v in ids.items()}
+
+
+def hf_to_llmjax(src: str, workdir: str) -> str:
+    """Imports a Hugging Face directory into a new llmjax workdir; returns the checkpoint path."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from llmjax import optim
+    from llmjax.checkpoint import Checkpointer
+    from llmjax.interop import hf
+
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise ValueError(f"{workdir} already has checkpoints; convert into a new, empty directory.")
+    model, config = hf.load(src)
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer = os.path.join(src, TOKENIZER)
+    if os.path.isfile(tokenizer):
+        shutil.copyfile(tokenizer, os.path.join(workdir, TOKENIZER))
+        pad = _sentencepiece_ids(tokenizer)["pad_token_id"]
+        if pad == 0:
+            config.data.tokenizer = os.path.abspath(os.path.join(workdir, TOKENIZER))
+        else:
+            # Our data pipeline pads with id 0 (segment id 0 = padding); most published
+            # SentencePiece models (LLaMA's) reserve 0 for <unk> and have no pad piece.
+            print(f"warning: {TOKENIZER} has pad id {pad}, but llmjax's data pipeline needs pad id "
+                  "0, so training will not use it (it is copied for generation and export).",
+                  file=sys.stderr)
+    if "init_from" in config:
+        config.init_from = os.path.abspath(workdir)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tx, _ = optim.make_optimizer(config.optim, config.total_steps)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    config_dict = json.loads(json.dumps(config.to_dict()))  # tuples -> lists, as Orbax stores it
+    ckpt = Checkpointer(workdir, max_to_keep=config.max_to_keep, async_save=False)
+    ckpt.save(0, state, None, config_dict, force=True)
+    ckpt.close()
+    with open(os.path.join(workdir, CONFIG_JSON), "w") as f:
+        json.dump(config_dict, f, indent=1)
+    with open(os.path.join(workdir, "config.py"), "w") as f:
+        f.write(_CONFIG_PY.format(here=os.path.abspath(workdir), config_json=CONFIG_JSON))
+    return os.path.join(workdir, "checkpoints", "0")
+
+
+def saved_config(path: str) -> dict:
+    """The llmjax config stored with a checkpoint (workdir, checkpoints/ or checkpoints/<step>)."""
+    import orbax.checkpoint as ocp
+
+    from llmjax import checkpoint
+    directory, step = checkpoint.resolve(path)
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_handlers={"config": ocp.JsonCheckpointHandler()})
+    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    manager.close()
+    return config
+
+
+def llmjax_to_hf(src: str, out_dir: str) -> str:
+    """Exports an llmjax checkpoint's parameters as a Hugging Face directory."""
+    import jax
+    from flax import nnx
+
+    from llmjax import checkpoint
+    from llmjax.interop import hf
+    from llmjax.models import ModelConfig
+    from llmjax.steps import abstract_model
+
+    config = saved_config(src)
+    model_cfg = ModelConfig.from_config(config["model"])
+    hf.family_of(model_cfg)  # fail before reading any weights
+    _, abstract = abstract_model(model_cfg)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                   nnx.to_pure_dict(abstract))
+    params, _, _ = checkpoint.restore_params(src, abstract_params)
+    directory, _ = checkpoint.resolve(src)
+    candidates = [config.get("data", {}).get("tokenizer", ""),
+                  os.path.join(str(directory.parent), TOKENIZER)]
+    tokenizer = next((c for c in candidates if c and os.path.isfile(c)), None)
+    token_ids = _sentencepiece_ids(tokenizer) if tokenizer else None
+    hf.save(params, model_cfg, out_dir, token_ids=token_ids)
+    if tokenizer:
+        shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER))
+    return out_dir
+
+
+def convert(src: str, dst: str) -> str:
+    from llmjax.interop import hf
+    if os.path.isfile(os.path.join(src, hf.CONFIG_FILE)):
+        return hf_to_llmjax(src, dst)
+    if os.path.isdir(src):
+        return llmjax_to_hf(src, dst)
+    raise FileNotFoundError(f"{src} does not exist; give a Hugging Face model directory or an "
+                            "llmjax workdir / checkpoint.")
+
+
+def main(argv=None):
+    from llmjax import cli
+    from llmjax.main import USER_ERRORS
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or any(a.startswith("-") for a in argv):
+        cli.fail("usage: python -m llmjax.convert SRC DST (a Hugging Face directory and a new "
+                 "llmjax workdir, or an llmjax workdir/checkpoint and a new Hugging Face directory).")
+    try:
+        out = convert(*argv)
+    except USER_ERRORS as e:
+        cli.fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
