@@ -35,11 +35,11 @@ import ml_collections
 
 def get_config(arg=None):
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "{config_json}")) as f:
-        c = ml_collections.ConfigDict(json.load(f))
+        d = json.load(f)
     # JSON has no tuples; the trainer's overrides expect the schema's tuple types back.
-    c.mesh.shape = tuple(c.mesh.shape)
-    c.sharding_rules = tuple(tuple(rule) for rule in c.sharding_rules)
-    return c
+    d["mesh"]["shape"] = tuple(d["mesh"]["shape"])
+    d["sharding_rules"] = tuple(tuple(rule) for rule in d["sharding_rules"])
+    return ml_collections.ConfigDict(d)
 '''
 
 
@@ -146,6 +146,8 @@ def convert(src: str, dst: str) -> str:
 def main(argv=None):
     from llmjax import cli
     from llmjax.main import USER_ERRORS
+    from absl import logging
+    logging.set_verbosity(logging.ERROR)  # Orbax's read-only notices are not news here
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or any(a.startswith("-") for a in argv):
         cli.fail("usage: python -m llmjax.convert SRC DST (a Hugging Face directory and a new "

@@ -285,6 +285,12 @@ def full_config(model_cfg: ModelConfig) -> ml_collections.ConfigDict:
     from llmjax.config import base_config
     c = base_config()
     c.model.update(dataclasses.asdict(model_cfg))
+    # Derived values stay 0, as config files write them, so `init_from`'s model check matches a
+    # config file of the same shape.
+    if model_cfg.num_kv_heads == model_cfg.num_heads:
+        c.model.num_kv_heads = 0
+    if model_cfg.head_dim * model_cfg.num_heads == model_cfg.d_model:
+        c.model.head_dim = 0
     # Learned positions cap the training length; RoPE models keep the base default.
     c.seq_len = min(c.seq_len, model_cfg.max_len)
     return c
