@@ -287,10 +287,13 @@ def test_converted_model_continues_training_and_generates(tmp_path):
     """python -m llmjax.main --config=<converted>/config.py trains from the converted weights."""
     import pydoc_data.topics
     from llmjax.data.tokenizer import train_tokenizer
-    src, text = tmp_path / "hf", tmp_path / "topics.txt"
-    text.write_text("\n\n".join(pydoc_data.topics.topics.values())[:400_000])
+    src, corpus = tmp_path / "hf", tmp_path / "corpus"
     src.mkdir()
-    tokenizer = train_tokenizer([text.read_text()], 512, str(src / "tokenizer.model"))
+    corpus.mkdir()
+    topics = list(pydoc_data.topics.topics.values())
+    for i in range(0, len(topics), 10):  # a few dozen documents: one is held out for validation
+        (corpus / f"{i}.txt").write_text("\n\n".join(topics[i:i + 10]))
+    tokenizer = train_tokenizer(topics, 512, str(src / "tokenizer.model"), max_chars=400_000)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -303,9 +306,9 @@ def test_converted_model_continues_training_and_generates(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "llmjax.main", f"--config={workdir}/config.py",
          f"--workdir={tmp_path / 'run'}", "--config.total_steps=40", "--config.seq_len=64",
-         "--config.batch_size=8", "--config.mesh.shape=(1,1,1)", "--config.log_every_steps=20",
+         "--config.batch_size=8", "--config.log_every_steps=20",
          "--config.eval_every_steps=40", "--config.eval_steps=2", "--config.data.name=text",
-         f"--config.data.files={text}", "--config.data.data_dir=" + str(tmp_path / "tfds"),
+         f"--config.data.files={corpus}/*.txt", "--config.data.data_dir=" + str(tmp_path / "tfds"),
          "--config.optim.learning_rate=3e-3", "--config.optim.warmup_steps=5",
          "--config.sample.max_new_tokens=8"],
         capture_output=True, text=True, env=env, timeout=600)
