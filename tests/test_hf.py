@@ -28,6 +28,8 @@ VOCAB = 96
 VARIANTS = {
     "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32,
                                 layer_norm_epsilon=1e-5)),
+    "gpt2_untied": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2,
+                                       n_positions=32, n_inner=48, tie_word_embeddings=False)),
     "llama": ("LlamaConfig", dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                                   max_position_embeddings=64, rms_norm_eps=1e-5,
@@ -36,6 +38,10 @@ VARIANTS = {
                                             num_hidden_layers=2, num_attention_heads=4,
                                             num_key_value_heads=2, rope_theta=500000.0,
                                             max_position_embeddings=64, tie_word_embeddings=False)),
+    "llama_bias": ("LlamaConfig", dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                       num_hidden_layers=1, num_attention_heads=2, head_dim=12,
+                                       attention_bias=True, mlp_bias=True, rms_norm_eps=1e-6,
+                                       max_position_embeddings=64, tie_word_embeddings=False)),
     "llama_tied": ("LlamaConfig", dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
                                        num_hidden_layers=2, num_attention_heads=4,
                                        num_key_value_heads=1, max_position_embeddings=64,
@@ -219,6 +225,12 @@ def _rewrite(src, dst, edit_tensors=None, edit_config=None):
 def test_bad_inputs(hf_dirs, tmp_path):
     gpt2 = hf_dirs["gpt2"]
     c_fc = "transformer.h.1.mlp.c_fc.weight"
+
+    headless = _rewrite(hf_dirs["llama"], tmp_path / "headless",
+                        edit_tensors=lambda t: t.pop("lm_head.weight"))
+    with pytest.raises(ValueError, match="tensor 'lm_head.weight' is missing.*"
+                                         "tie_word_embeddings=False"):
+        hf.load(headless)
 
     bert = _rewrite(gpt2, tmp_path / "bert", edit_config=lambda c: c.update(model_type="bert"))
     with pytest.raises(ValueError, match="model_type='bert'.*supported model types"):

@@ -318,7 +318,7 @@ def load(path: str | os.PathLike):
         for prefix in family.prefixes:
             if prefix + name in files:
                 return prefix + name
-        raise ValueError(f"tensor {family.prefixes[0] + name!r} is missing from {path}; the "
+        raise ValueError(f"tensor {_hf_name(family, name)!r} is missing from {path}; the "
                          f"checkpoint does not match its {CONFIG_FILE} ({family.model_type}, "
                          f"tie_word_embeddings={model_cfg.tie_embeddings}): re-save the model with "
                          "save_pretrained() or fix config.json.")
@@ -356,6 +356,11 @@ def load(path: str | os.PathLike):
     params = _place(params, abstract)
     nnx.replace_by_pure_dict(abstract, params)
     return nnx.merge(graphdef, abstract), full_config(model_cfg)
+
+
+def _hf_name(family: Family, name: str) -> str:
+    """The full name in a *ForCausalLM file: the head sits outside the base model's prefix."""
+    return name if name.startswith("lm_head") else family.prefixes[0] + name
 
 
 def _at(tree: dict, path):
@@ -446,10 +451,9 @@ def save(model, config, out_dir: str | os.PathLike, *, token_ids: dict | None = 
     tensors = {}
     for row in family.tensors(model_cfg):
         ours = [_at(params, p) for p in row.ours]
-        prefix = "" if row.hf.startswith("lm_head") else family.prefixes[0]
         for i in range(model_cfg.num_layers if row.layered else 1):
             ws = [w[i] for w in ours] if row.layered else ours
-            tensors[prefix + row.hf.format(i=i)] = row.to_hf(ws)
+            tensors[_hf_name(family, row.hf.format(i=i))] = row.to_hf(ws)
     hf = dict(architectures=[family.architecture], model_type=family.model_type, dtype="float32",
               use_cache=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     hf.update(family.to_hf_config(model_cfg))
