@@ -27,7 +27,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
-from jax.sharding import NamedSharding
 
 from llmjax import sharding
 from llmjax.interop import safetensors_io
