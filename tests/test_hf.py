@@ -269,6 +269,12 @@ def test_bad_inputs(hf_dirs, tmp_path):
     with pytest.raises(ValueError, match="rope_type='linear'"):
         hf.load(scaled)
 
+    truncated = _rewrite(gpt2, tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        hf.load(truncated)
+
     model, config = hf.load(gpt2)
     config.model.norm = "rmsnorm"
     with pytest.raises(ValueError, match="no Hugging Face architecture matches"):

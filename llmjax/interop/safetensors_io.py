@@ -65,6 +65,11 @@ class File:
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         begin, end = entry["data_offsets"]
+        nbytes = int(np.prod(entry["shape"], dtype=np.int64)) * DTYPES[entry["dtype"]].itemsize
+        if end - begin != nbytes or self._offset + end > self._map.size:
+            raise ValueError(f"tensor {name!r} in {self.path} has byte range {begin}..{end}, which "
+                             f"does not fit its shape {entry['shape']} or the file; the file is "
+                             "truncated or corrupt, re-download or re-save it.")
         data = self._map[self._offset + begin:self._offset + end]
         return data.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
