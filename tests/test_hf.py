@@ -139,20 +139,23 @@ def test_sharded_files_and_bfloat16(hf_dirs, tmp_path):
     np.testing.assert_array_equal(np.asarray(bf16.layers.attn.key.kernel[1]), want)
 
 
-def test_sharded_import_matches_one_device(hf_dirs, devices):
+def test_sharded_import_matches_one_device(hf_dirs, devices, tmp_path):
     ids, mask = _batch(seed=1, batch=8)
     one, _ = hf.load(hf_dirs["llama_gqa_theta"])
     expected = hf.logits(one, ids, mask)
     mesh = sharding.make_mesh((2, 2, 2), devices)
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
-        model, _ = hf.load(hf_dirs["llama_gqa_theta"])
+        model, config = hf.load(hf_dirs["llama_gqa_theta"])
         kernel = model.layers.attn.query.kernel[...]
         # [layers, embed, heads, head_dim]: embed over fsdp, heads over tensor, 4 shards each.
         assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
         assert kernel.addressable_shards[0].data.shape == (2, 16, 2, 8)
         got = hf.logits(model, ids, mask)
+        exported = hf.save(model, config, tmp_path / "from_mesh")  # gathers the shards
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    _close(got, _hf_logits(hf_dirs["llama_gqa_theta"], ids, mask), mask)
+    ref = _hf_logits(hf_dirs["llama_gqa_theta"], ids, mask)
+    _close(got, ref, mask)
+    _close(_hf_logits(exported, ids, mask), ref, mask)
 
 
 def _tokenizer(path):
