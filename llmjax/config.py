@@ -88,6 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.sample = ml_collections.ConfigDict(dict(prompt="def", max_new_tokens=64, temperature=0.8,
                                               top_k=40))  # temperature 0: greedy
+    c.sample.top_p = 1.0  # nucleus sampling: keep the fewest tokens whose probability reaches it
+    c.sample.seed = 0  # the same seed gives the same sample
     return c
 
 
