@@ -357,7 +357,8 @@ def main(argv):
         _fail(f"unexpected arguments {argv[1:]}; flags look like --config.sample.key=value.")
     if not flags.FLAGS.workdir:
         _fail("--workdir is required: a training run's directory (checkpoints + tokenizer).")
-    logging.getLogger().setLevel(logging.WARNING)
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's read-only notes are not news here
     # Only the sample settings named on the command line override the run's own.
     given = {a.split("=", 1)[0][len("--config.sample."):] for a in sys.argv[1:]
              if a.startswith("--config.sample.")}
@@ -412,9 +413,15 @@ def _define_flags():
     flags.DEFINE_string("workdir", None, "A training run's directory.")
     flags.DEFINE_string("prompt", None, "Text to continue; without it, prompts are read from stdin.")
     flags.DEFINE_bool("benchmark", False, "Print decode speed (batch 1 and 8) instead of text.")
-    config_flags.DEFINE_config_dict(
-        "config", ml_collections.ConfigDict({"sample": base_config().sample}),
-        "Sampling overrides: --config.sample.temperature=0.7 and so on.")
+    try:  # the overrides in sys.argv are applied as the flag is defined
+        config_flags.DEFINE_config_dict(
+            "config", ml_collections.ConfigDict({"sample": base_config().sample}),
+            "Sampling overrides: --config.sample.temperature=0.7 and so on.", lock_config=True)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        given = [a for a in sys.argv[1:] if a.startswith("--config")]
+        _fail(f"a --config override in {given} names an unknown key or has the wrong type "
+              f"({type(e).__name__}); the keys are sample.prompt, sample.max_new_tokens, "
+              "sample.temperature, sample.top_k, sample.top_p and sample.seed.")
 
 
 if __name__ == "__main__":

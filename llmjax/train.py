@@ -22,7 +22,7 @@ from llmjax import data as data_lib
 from llmjax import metrics as metrics_lib
 from llmjax import sharding, steps
 from llmjax.checkpoint import Checkpointer
-from llmjax.sample import sample
+from llmjax.generate import sample_text
 
 
 def evaluate(built, params, eval_batches) -> dict:
@@ -154,16 +154,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         # ------------------------------------------------------------------------------------
         # Sample: a short continuation from the trained model.
         if config.sample.max_new_tokens > 0:
-            prompt = tokenizer.encode(config.sample.prompt)
-            if tokenizer.bos_id is not None and tokenizer.bos_id >= 0:
-                prompt = [tokenizer.bos_id] + prompt
-            window = min(config.seq_len, model_cfg.max_len if model_cfg.position == "learned"
-                         else config.seq_len)
-            new = sample(built.graphdef, state["params"], prompt,
-                         max_new_tokens=config.sample.max_new_tokens, window=window,
-                         temperature=config.sample.temperature, top_k=config.sample.top_k,
-                         seed=config.seed, eos_id=tokenizer.eos_id)
-            text = config.sample.prompt + tokenizer.decode(new)
+            text = sample_text(built.graphdef, model_cfg, state["params"], tokenizer, config.sample)[0]
             say("sample:\n" + text)
             last["sample"] = text
     logging.info("done at step %d", step)
