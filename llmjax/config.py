@@ -83,6 +83,13 @@ def base_config() -> ml_collections.ConfigDict:
         warmup_steps=100, min_lr_ratio=0.1, decay_fraction=0.2,
     ))
 
+    # Fine-tuning: start from another run's parameters (a workdir, its checkpoints/ folder or one
+    # checkpoints/<step> folder) with a fresh optimizer at step 0; the model sections must match.
+    c.init_from = ""
+    c.optim.freeze = ""  # regex of parameter paths kept frozen, e.g. "embedding$"
+    c.data.task = "lm"  # lm: language modelling on text | sft: JSONL {"prompt", "response"}
+    c.data.eval_files = ""  # sft: JSONL file(s) of evaluation examples (train ones: data.files)
+
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor)
     c.sharding_rules = DEFAULT_RULES
 

@@ -22,6 +22,7 @@ from llmjax import data as data_lib
 from llmjax import metrics as metrics_lib
 from llmjax import sharding, steps
 from llmjax.checkpoint import Checkpointer
+from llmjax.data import finetune
 from llmjax.generate import sample_text
 
 
@@ -75,14 +76,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # ----------------------------------------------------------------------------------------
     # Data: tokenizer (trained on first use, cached in the workdir), train iterator, eval batches.
-    tokenizer = data_lib.load_or_train_tokenizer(config.data, model_cfg.vocab_size, workdir)
+    tokenizer = data_lib.load_or_train_tokenizer(finetune.data_config(config), model_cfg.vocab_size,
+                                                 workdir)
     data_lib.check_vocab(tokenizer, model_cfg.vocab_size)
     data_kw = dict(seq_len=config.seq_len, batch_size=config.batch_size,
                    process_index=jax.process_index(), process_count=jax.process_count())
-    train_iter = data_lib.make_train_iterator(config.data, tokenizer, seed=config.seed,
-                                              workdir=workdir, **data_kw)
-    eval_batches = data_lib.make_eval_batches(config.data, tokenizer, num_batches=config.eval_steps,
-                                              **data_kw)
+    make_train_iterator, make_eval_batches = finetune.pipeline_for(config.data)  # lm or sft
+    train_iter = make_train_iterator(config.data, tokenizer, seed=config.seed, workdir=workdir,
+                                     **data_kw)
+    eval_batches = make_eval_batches(config.data, tokenizer, num_batches=config.eval_steps, **data_kw)
 
     # ----------------------------------------------------------------------------------------
     # Initialise directly sharded, or restore the newest checkpoint onto this mesh.
@@ -96,6 +98,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
             baseline = data_lib.unigram_entropy(eval_batches)
             say(f"unigram baseline (token frequencies only): eval loss {baseline:.3f}")
             writer.write(0, {"unigram_eval_loss": baseline})
+            if config.init_from:  # fine-tuning: pretrained parameters, fresh optimizer, step 0
+                state, from_step = finetune.restore_init(config, built, state)
+                record = evaluate(built, state["params"], eval_batches)
+                writer.write(0, record)
+                say(f"initialised from {config.init_from} (step {from_step}): "
+                    + metrics_lib.format_line(0, config.total_steps, record))
         else:
             check_same_model(ckpt.restore_config(latest), config, ckpt.directory / str(latest))
             state = ckpt.restore(latest, built.abstract_state, train_iter)
