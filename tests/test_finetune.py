@@ -142,3 +142,84 @@ def test_shipped_task_is_well_formed():
                for e in train)
     assert tasks.stdlib_module_examples(modules=("tarfile", "http"), per_class=40) == splits
     assert 0.3 <= tasks.majority_accuracy(train, validation) <= 0.7
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A 'pretrained' run (a saved checkpoint + tokenizer.model) and a short SFT run from it."""
+
+    from llmjax.data.tokenizer import train_tokenizer
+    from llmjax.train import train_and_evaluate
+
+    root = tmp_path_factory.mktemp("sft")
+    records = [{"prompt": f"Q{i}: what is {i} + {i}?", "response": f" {2 * i}"} for i in range(40)]
+    files = {s: write_jsonl(root / f"{s}.jsonl", records[:32] if s == "train" else records[32:])
+             for s in ("train", "eval")}
+    pre = tiny_config("llama", **{"model.vocab_size": 512})
+    tokenizer = train_tokenizer([json.dumps(r) for r in records] * 20, 512, root / "pre" / "tokenizer.model")
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    with sharding.use_mesh(mesh, pre.sharding_rules):
+        built = steps.build(pre, mesh)
+        state = built.init()
+    ckpt = Checkpointer(str(root / "pre"), max_to_keep=1, async_save=False)
+    ckpt.save(7, state, None, pre.to_dict(), force=True)
+    ckpt.close()
+
+    fine = tiny_config("llama", init_from=str(root / "pre"), **{
+        "model.vocab_size": 512, "data.task": "sft", "data.files": files["train"],
+        "data.eval_files": files["eval"], "total_steps": 6, "batch_size": 8, "seq_len": 24,
+        "eval_every_steps": 6, "eval_steps": 4, "log_every_steps": 3, "checkpoint_every_steps": 6,
+        "sample.max_new_tokens": 3, "sample.prompt": "Q3: what is 3 + 3?", "mesh.shape": (-1, 1, 1),
+        "optim.freeze": "embedding$"})
+    last = train_and_evaluate(fine, str(root / "sft"))
+    return root, tokenizer, state, last
+
+
+@pytest.mark.slow
+def test_sft_run_end_to_end(devices, sft_run):
+    root, tokenizer, pre_state, last = sft_run
+    records = [json.loads(line) for line in (root / "sft" / "metrics.jsonl").read_text().splitlines()]
+    first_eval = next(r for r in records if "eval_loss" in r)
+    assert first_eval["step"] == 0  # the pretrained starting point, evaluated before any update
+    assert last["eval_loss"] < first_eval["eval_loss"] and np.isfinite(last["eval_loss"])
+    assert last["sample"].startswith("Q3: what is 3 + 3?")
+    # The tokenizer is the init_from run's (copied, so the workdir serves llmjax.generate).
+    assert (root / "sft" / "tokenizer.model").read_bytes() == (
+        root / "pre" / "tokenizer.model").read_bytes()
+    # The frozen embedding table is the pretrained one, bit for bit; the rest moved.
+    import orbax.checkpoint as ocp
+    with ocp.CheckpointManager(root / "sft" / "checkpoints") as mngr:
+        params = mngr.restore(6, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))["state"]["params"]
+    np.testing.assert_array_equal(params["token_embed"]["embedding"],
+                                  jax.device_get(pre_state["params"]["token_embed"]["embedding"]))
+    assert not np.array_equal(params["lm_head"]["kernel"],
+                              jax.device_get(pre_state["params"]["lm_head"]["kernel"]))
+
+
+@pytest.mark.slow
+def test_generate_cli(devices, sft_run):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = sft_run[0]
+    repo = pathlib.Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "llmjax.generate", f"--workdir={root / 'sft'}",
+           "--config.sample.max_new_tokens=2", "--config.sample.temperature=0"]
+    one = subprocess.run(cmd + ["--prompt=Q1: what is"], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.startswith("Q1: what is") and len(one.stdout.splitlines()) == 1
+    # Interactive: a prompt per stdin line; a blank line is skipped; the same prompt, same text.
+    many = subprocess.run(cmd, input="Q1: what is\n\nQ2\n", capture_output=True, text=True, env=env)
+    assert many.returncode == 0, many.stderr
+    lines = many.stdout.splitlines()
+    assert lines[0] == one.stdout.splitlines()[0] and lines[1].startswith("Q2")
+    empty = subprocess.run(cmd + ["--prompt="], capture_output=True, text=True, env=env)
+    assert empty.returncode == 2 and empty.stderr.strip() == (
+        "error: the prompt is empty; give at least one character of text to continue.")
+    bad = subprocess.run(cmd + ["--prompt=x", "--config.sample.topk=3"], capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: a --config override")

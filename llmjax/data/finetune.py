@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 from typing import Any, Callable
 
 import grain
@@ -139,19 +140,21 @@ def pipeline_for(data_cfg) -> tuple[Callable, Callable]:
     raise ValueError(f"data.task={task!r} is not one of 'lm', 'sft'.")
 
 
-def data_config(config):
-    """The data section, with the tokenizer of the `init_from` run when none is configured (the
-    fine-tuned model must read text exactly as it was pretrained to)."""
-    data = config.data
-    if config.get("init_from") and not data.get("tokenizer"):
-        from llmjax.checkpoint import resolve
-        directory, _ = resolve(config.init_from)
-        path = os.path.join(os.fspath(directory.parent), "tokenizer.model")
-        if os.path.exists(path):
-            data = data.copy_and_resolve_references()
-            with data.unlocked():
-                data.tokenizer = path
-    return data
+def adopt_tokenizer(config, workdir: str) -> None:
+    """Copies the `init_from` run's tokenizer.model into `workdir` (when no data.tokenizer is set
+    and the workdir has none): the fine-tuned model must read text exactly as it was pretrained
+    to, and the copy keeps the fine-tuned workdir self-contained for `llmjax.generate`."""
+    if not config.get("init_from") or config.data.get("tokenizer"):
+        return
+    from llmjax.checkpoint import resolve
+    directory, _ = resolve(config.init_from)
+    source = os.path.join(os.fspath(directory.parent), "tokenizer.model")
+    target = os.path.join(workdir, "tokenizer.model")
+    if os.path.exists(source) and not os.path.exists(target):
+        os.makedirs(workdir, exist_ok=True)
+        tmp = f"{target}.tmp{os.getpid()}"
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)  # atomic: every host may copy, a reader never sees half a file
 
 
 def restore_init(config, built, state: dict[str, Any]) -> tuple[dict[str, Any], int]:
