@@ -111,7 +111,9 @@ def main(argv):
 
     from llmjax.data.finetune import read_jsonl
     from llmjax.generate import load_run
+    from absl import logging as absl_logging
     del argv
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's restore notes are not news here
     run = load_run(flags.FLAGS.workdir)
     paths = build({"name": flags.FLAGS.task, "data_dir": run.config.data.get("data_dir", "")})
     train, validation = read_jsonl(paths["train"]), read_jsonl(paths["validation"])
