@@ -111,8 +111,20 @@ class Generator:
     """
 
     def __init__(self, graphdef, model_cfg, *, mesh=None, rules=None):
+        from llmjax.sharding import rules_from_config
         self.graphdef, self.cfg = graphdef, model_cfg
-        self.mesh, self.rules = mesh, rules
+        self.mesh, self.rules = mesh, None if rules is None else rules_from_config(rules)
+
+    # The jitted methods take `self` as a static argument: equal generators (same model, same
+    # mesh) share compilations, so a new Generator per prompt does not recompile.
+    def _key(self):
+        return (self.graphdef, self.cfg, self.mesh, self.rules)
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __eq__(self, other):
+        return isinstance(other, Generator) and self._key() == other._key()
 
     def _context(self):
         if self.mesh is None:
