@@ -89,6 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.freeze = ""  # regex of parameter paths kept frozen, e.g. "embedding$"
     c.data.task = "lm"  # lm: language modelling on text | sft: JSONL {"prompt", "response"}
     c.data.eval_files = ""  # sft: JSONL file(s) of evaluation examples (train ones: data.files)
+    c.data.prompt_key = "prompt"  # sft from a TFDS dataset (data.name): its two text features
+    c.data.response_key = "response"
 
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor)
     c.sharding_rules = DEFAULT_RULES

@@ -223,3 +223,27 @@ def test_generate_cli(devices, sft_run):
     bad = subprocess.run(cmd + ["--prompt=x", "--config.sample.topk=3"], capture_output=True,
                          text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("error: a --config override")
+
+
+def test_sft_from_a_prepared_tfds_dataset(tmp_path):
+    """The catalog path: a TFDS dataset prepared as array_record, read by name, with the features
+    named by data.prompt_key / data.response_key (here one of our text corpora, whose features
+    are `path` and `text`, since catalog datasets cannot be downloaded offline)."""
+    from llmjax.data import corpus
+    for i in range(6):
+        (tmp_path / f"doc{i}.txt").write_text(f"body {i}")
+    text = tiny_config(**{"data.name": "text", "data.files": str(tmp_path / "*.txt"),
+                          "data.data_dir": str(tmp_path / "tfds"),
+                          "data.validation_fraction": 0.3}).data
+    builder = corpus.prepare(text)
+    cfg = tiny_config(**{"data.task": "sft", "data.data_dir": str(tmp_path / "tfds"),
+                         "data.name": f"{builder.name}/{builder.builder_config.name}",
+                         "data.prompt_key": "path", "data.response_key": "text"}).data
+    train = finetune.load_examples(cfg, "train")
+    validation = finetune.load_examples(cfg, "validation")
+    assert len(train) + len(validation) == 6 and validation
+    assert all(e["response"] == "body " + e["prompt"][3] for e in train + validation)
+    with cfg.unlocked():
+        cfg.response_key = "answer"
+    with pytest.raises(ValueError, match="has no feature 'answer'"):
+        finetune.load_examples(cfg, "train")

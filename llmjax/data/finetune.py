@@ -2,7 +2,8 @@
 
 With `data.task = "sft"`, the examples are JSONL lines `{"prompt": ..., "response": ...}`:
 `data.files` (train) and `data.eval_files` (evaluation), or a task shipped with llmjax named by
-`data.name` (see `tasks.py`), built on first use. Each example becomes one row,
+`data.name` (see `tasks.py`), built on first use, or a TFDS dataset prepared as array_record
+named by `data.name` (features `data.prompt_key`, `data.response_key`). Each example becomes one row,
     tokens = [bos] + encode(prompt) + encode(response) + [eos],  inputs = tokens[:-1],
     targets = tokens[1:],  weights = 1 only where the target is a response token (or the eos),
 so the loss and the accuracy score the response only: the model is not trained to write prompts.
@@ -92,12 +93,33 @@ def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def split_files(data_cfg, split: str) -> str:
-    """The JSONL files of a split: a shipped task's (built on first use) or the configured ones."""
-    from llmjax.data import tasks
-    if data_cfg.get("name", "") in tasks.TASKS:
-        return tasks.build(data_cfg)[split]
-    return data_cfg.get("files", "") if split == "train" else data_cfg.get("eval_files", "")
+def load_examples(data_cfg, split: str) -> list[dict[str, str]]:
+    """The {"prompt", "response"} examples of `split` ("train" or "validation"): a shipped task's
+    (built on first use), the configured JSONL files, or a TFDS dataset prepared as array_record
+    (`data.name`, its splits `data.split_train` / `data.split_eval`, its features
+    `data.prompt_key` / `data.response_key`)."""
+    from llmjax.data import corpus, tasks
+    name = data_cfg.get("name", "")
+    if name in tasks.TASKS:
+        return read_jsonl(tasks.build(data_cfg)[split])
+    files = data_cfg.get("files", "") if split == "train" else data_cfg.get("eval_files", "")
+    if files or name in corpus.LOCAL_CORPORA or not name:
+        return read_jsonl(files)
+    tfds_split = data_cfg.get("split_train" if split == "train" else "split_eval", split)
+    source = corpus.load_split(data_cfg, tfds_split)
+    keys = data_cfg.get("prompt_key", "prompt"), data_cfg.get("response_key", "response")
+    examples = []
+    for i in range(len(source)):
+        record = source.record(i)
+        missing = [k for k in keys if k not in record]
+        if missing:
+            raise ValueError(f"TFDS dataset {name!r} ({tfds_split}) example {i} has no feature "
+                             f"{missing[0]!r} (it has {sorted(record)}); set data.prompt_key and "
+                             "data.response_key.")
+        examples.append({field: (record[k].decode("utf-8", errors="replace")
+                                 if isinstance(record[k], bytes) else str(record[k]))
+                         for field, k in zip(SFT_FIELDS, keys)})
+    return examples
 
 
 def make_train_iterator(data_cfg, tokenizer, *, seq_len: int, batch_size: int, seed: int,
@@ -106,7 +128,7 @@ def make_train_iterator(data_cfg, tokenizer, *, seq_len: int, batch_size: int, s
     del workdir
     process_index, process_count = pipeline._process(process_index, process_count)
     rows = pipeline._rows_per_process(batch_size, process_count)
-    examples = read_jsonl(split_files(data_cfg, "train"))
+    examples = load_examples(data_cfg, "train")
     ds = grain.MapDataset.source(examples)
     ds = pipeline._shard(ds, process_index, process_count, "train", strict=True)
     ds = ds.shuffle(seed).repeat().map(SftRow(tokenizer, seq_len)).batch(rows, drop_remainder=True)
@@ -119,7 +141,7 @@ def make_eval_batches(data_cfg, tokenizer, *, seq_len: int, batch_size: int, num
     filled with empty rows (weight 0), so every example counts exactly once."""
     process_index, process_count = pipeline._process(process_index, process_count)
     rows = pipeline._rows_per_process(batch_size, process_count)
-    examples = read_jsonl(split_files(data_cfg, "validation"))[:num_batches * batch_size]
+    examples = load_examples(data_cfg, "validation")[:num_batches * batch_size]
     mine = examples[process_index::process_count]
     to_row = SftRow(tokenizer, seq_len)
     out = [to_row.map(e) for e in mine]
