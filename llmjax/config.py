@@ -85,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Fine-tuning: start from another run's parameters (a workdir, its checkpoints/ folder or one
     # checkpoints/<step> folder) with a fresh optimizer at step 0; the model sections must match.
+    # Used only while the workdir has no checkpoint of its own (a restart resumes as usual).
     c.init_from = ""
     c.optim.freeze = ""  # regex of parameter paths kept frozen, e.g. "embedding$"
     c.data.task = "lm"  # lm: language modelling on text | sft: JSONL {"prompt", "response"}

@@ -198,6 +198,8 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
             k = constrain(k, CACHE_AXES)
             v = constrain(v, CACHE_AXES)
+            # The portable path whatever `implementation`: a decode step is one query per row,
+            # where a fused kernel saves nothing.
             out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
             return self.out(out), (k, v)
         if self.implementation == "cudnn":
