@@ -83,11 +83,23 @@ def base_config() -> ml_collections.ConfigDict:
         warmup_steps=100, min_lr_ratio=0.1, decay_fraction=0.2,
     ))
 
+    # Fine-tuning: start from another run's parameters (a workdir, its checkpoints/ folder or one
+    # checkpoints/<step> folder) with a fresh optimizer at step 0; the model sections must match.
+    # Used only while the workdir has no checkpoint of its own (a restart resumes as usual).
+    c.init_from = ""
+    c.optim.freeze = ""  # regex of parameter paths kept frozen, e.g. "embedding$"
+    c.data.task = "lm"  # lm: language modelling on text | sft: JSONL {"prompt", "response"}
+    c.data.eval_files = ""  # sft: JSONL file(s) of evaluation examples (train ones: data.files)
+    c.data.prompt_key = "prompt"  # sft from a TFDS dataset (data.name): its two text features
+    c.data.response_key = "response"
+
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor)
     c.sharding_rules = DEFAULT_RULES
 
     c.sample = ml_collections.ConfigDict(dict(prompt="def", max_new_tokens=64, temperature=0.8,
                                               top_k=40))  # temperature 0: greedy
+    c.sample.top_p = 1.0  # nucleus sampling: keep the fewest tokens whose probability reaches it
+    c.sample.seed = 0  # the same seed gives the same sample
     return c
 
 

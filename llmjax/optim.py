@@ -14,6 +14,8 @@ is optional and read with `.get(key, default)`:
     warmup_steps    linear warmup from 0 to the peak (0)
     min_lr_ratio    final lr / peak for cosine, linear and wsd (0.1)
     decay_fraction  share of all steps taken by wsd's final linear decay (0.2)
+    freeze          regex searched in each parameter's '/'-joined path; matches are not trained
+                    (e.g. "embedding$" freezes the token and position tables; '' trains all)
     mu_dtype        dtype of the first moment, e.g. "bfloat16" (None: the parameter's dtype)
     adafactor_factored (True), adafactor_decay_rate (0.8), adafactor_clipping_threshold (1.0),
     adafactor_min_dim_size_to_factor (128), adafactor_multiply_by_parameter_scale (True),
@@ -140,7 +142,26 @@ def make_optimizer(optim_cfg, total_steps: int):
 
     clip = optim_cfg.get("grad_clip_norm", 1.0)
     tx = optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
+    if freeze := optim_cfg.get("freeze", ""):
+        # Zeroing the frozen gradients first keeps them out of the clipping norm and the moments;
+        # zeroing the final update removes the weight decay too. (optax.multi_transform would also
+        # drop their optimizer slots, but its masked state breaks optax.tree_map_params, which
+        # the optimizer-state shardings rely on.)
+        frozen = optax.masked(optax.set_to_zero(), lambda params: freeze_mask(params, freeze))
+        tx = optax.chain(frozen, tx, frozen)
     return tx, schedule
+
+
+def freeze_mask(params, freeze_regex: str):
+    """True where the regex is found in the parameter's '/'-joined path (kept frozen)."""
+    pattern = re.compile(freeze_regex)
+    labels = jax.tree_util.tree_map_with_path(
+        lambda path, _: pattern.search(path_str(path)) is not None, params)
+    # (optax.tree_map_params calls init on a placeholder that is no parameter tree.)
+    if isinstance(params, dict) and not any(jax.tree.leaves(labels)):
+        raise ValueError(f"optim.freeze={freeze_regex!r} matches no parameter path (paths look like "
+                         "'token_embed/embedding' or 'layers/attn/query/kernel'); fix the regex.")
+    return labels
 
 
 def opt_state_shardings(tx, abstract_params, param_shardings, replicated):

@@ -22,7 +22,8 @@ from llmjax import data as data_lib
 from llmjax import metrics as metrics_lib
 from llmjax import sharding, steps
 from llmjax.checkpoint import Checkpointer
-from llmjax.sample import sample
+from llmjax.data import finetune
+from llmjax.generate import sample_text
 
 
 def evaluate(built, params, eval_batches) -> dict:
@@ -75,14 +76,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # ----------------------------------------------------------------------------------------
     # Data: tokenizer (trained on first use, cached in the workdir), train iterator, eval batches.
+    finetune.adopt_tokenizer(config, workdir)  # init_from: the pretrained run's tokenizer
     tokenizer = data_lib.load_or_train_tokenizer(config.data, model_cfg.vocab_size, workdir)
     data_lib.check_vocab(tokenizer, model_cfg.vocab_size)
     data_kw = dict(seq_len=config.seq_len, batch_size=config.batch_size,
                    process_index=jax.process_index(), process_count=jax.process_count())
-    train_iter = data_lib.make_train_iterator(config.data, tokenizer, seed=config.seed,
-                                              workdir=workdir, **data_kw)
-    eval_batches = data_lib.make_eval_batches(config.data, tokenizer, num_batches=config.eval_steps,
-                                              **data_kw)
+    make_train_iterator, make_eval_batches = finetune.pipeline_for(config.data)  # lm or sft
+    train_iter = make_train_iterator(config.data, tokenizer, seed=config.seed, workdir=workdir,
+                                     **data_kw)
+    eval_batches = make_eval_batches(config.data, tokenizer, num_batches=config.eval_steps, **data_kw)
 
     # ----------------------------------------------------------------------------------------
     # Initialise directly sharded, or restore the newest checkpoint onto this mesh.
@@ -96,6 +98,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
             baseline = data_lib.unigram_entropy(eval_batches)
             say(f"unigram baseline (token frequencies only): eval loss {baseline:.3f}")
             writer.write(0, {"unigram_eval_loss": baseline})
+            if config.init_from:  # fine-tuning: pretrained parameters, fresh optimizer, step 0
+                state, from_step = finetune.restore_init(config, built, state)
+                record = evaluate(built, state["params"], eval_batches)
+                writer.write(0, record)
+                say(f"initialised from {config.init_from} (step {from_step}): "
+                    + metrics_lib.format_line(0, config.total_steps, record))
         else:
             check_same_model(ckpt.restore_config(latest), config, ckpt.directory / str(latest))
             state = ckpt.restore(latest, built.abstract_state, train_iter)
@@ -154,16 +162,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         # ------------------------------------------------------------------------------------
         # Sample: a short continuation from the trained model.
         if config.sample.max_new_tokens > 0:
-            prompt = tokenizer.encode(config.sample.prompt)
-            if tokenizer.bos_id is not None and tokenizer.bos_id >= 0:
-                prompt = [tokenizer.bos_id] + prompt
-            window = min(config.seq_len, model_cfg.max_len if model_cfg.position == "learned"
-                         else config.seq_len)
-            new = sample(built.graphdef, state["params"], prompt,
-                         max_new_tokens=config.sample.max_new_tokens, window=window,
-                         temperature=config.sample.temperature, top_k=config.sample.top_k,
-                         seed=config.seed, eos_id=tokenizer.eos_id)
-            text = config.sample.prompt + tokenizer.decode(new)
+            text = sample_text(built.graphdef, model_cfg, state["params"], tokenizer, config.sample)[0]
             say("sample:\n" + text)
             last["sample"] = text
     logging.info("done at step %d", step)

@@ -10,12 +10,13 @@ import numpy as np
 def unigram_entropy(batches: Iterable[Mapping[str, np.ndarray]]) -> float:
     """Cross-entropy in nats per token of the best model that knows only token frequencies.
 
-    Computed on the batches' own targets (padding excluded): the entropy of their empirical
+    Computed on the batches' own scored targets (weight != 0; padding excluded): the entropy of their empirical
     unigram distribution. A language model whose loss is not below this has learned no context.
     """
     counts = np.zeros(0, dtype=np.int64)
     for batch in batches:
-        targets = np.asarray(batch["targets"])[np.asarray(batch["segment_ids"]) != 0]
+        scored = batch["weights"] if "weights" in batch else batch["segment_ids"]
+        targets = np.asarray(batch["targets"])[np.asarray(scored) != 0]
         batch_counts = np.bincount(targets.ravel(), minlength=len(counts))
         counts = np.pad(counts, (0, len(batch_counts) - len(counts))) + batch_counts
     total = counts.sum()

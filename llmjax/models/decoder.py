@@ -52,13 +52,16 @@ class DecoderBlock(nnx.Module):
         self.mlp = L.Mlp(cfg, rngs=rngs, out_std=out_std, dtype=dtype, param_dtype=pdtype)
         self.dropout_rate = cfg.dropout_rate
 
-    def __call__(self, x, mask, positions, key=None):
+    def __call__(self, x, mask, positions, key=None, cache=None):
         keys = jax.random.split(key, 3) if key is not None else (None,) * 3
-        h = self.attn(self.attn_norm(x), mask, positions, keys[0])
+        h = self.attn(self.attn_norm(x), mask, positions, keys[0], cache=cache)
+        if cache is not None:
+            h, cache = h
         x = x + L.dropout(h, self.dropout_rate, keys[1])
         h = self.mlp(self.mlp_norm(x))
         x = x + L.dropout(h, self.dropout_rate, keys[2])
-        return constrain(x, ("act_batch", "act_length", "act_embed"))
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        return x if cache is None else (x, cache)
 
 
 class Decoder(nnx.Module):
@@ -87,7 +90,9 @@ class Decoder(nnx.Module):
             (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), use_bias=False, rngs=rngs,
             init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype)
 
-    def __call__(self, tokens, segment_ids=None, positions=None, dropout_key=None):
+    def __call__(self, tokens, segment_ids=None, positions=None, dropout_key=None, cache=None):
+        """With a `cache` (from `init_cache`), `tokens` are written at its column `cache["index"]`
+        and attend to every valid earlier column; returns (logits, updated cache)."""
         cfg = self.cfg
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
@@ -101,6 +106,8 @@ class Decoder(nnx.Module):
             x = x + self.pos_embed(positions)
         x = L.dropout(x, cfg.dropout_rate, None if keys is None else keys[-1])
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        if cache is not None:
+            return self._decode(x, segment_ids, positions, cache)
         mask = L.attention_mask(segment_ids, segment_ids, causal=True)
 
         graphdef, stacked = nnx.split(self.layers)
@@ -113,10 +120,48 @@ class Decoder(nnx.Module):
         if cfg.remat_policy != "none":
             block = jax.checkpoint(block, policy=policy, prevent_cse=False)
         x, _ = jax.lax.scan(block, x, (stacked, None if keys is None else keys[:-1]))
+        return self._logits(x)
 
+    def _logits(self, x):
         x = self.final_norm(x)
         if self.lm_head is None:
             logits = self.token_embed.attend(x)
         else:
             logits = self.lm_head(x).astype(jnp.float32)
         return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+    def _decode(self, x, segment_ids, positions, cache):
+        """The scanned layers over a KV cache: each layer's slice of the stacked cache goes in as
+        a scan input and its updated slice comes out as a scan output."""
+        index, t = cache["index"], x.shape[1]
+        # A column holds a real token once written with a non-zero segment id; padding columns
+        # (left or right of a prompt) stay invalid, so they are never attended to.
+        valid = jax.lax.dynamic_update_slice(cache["valid"], segment_ids != 0, (0, index))
+        columns = jnp.arange(valid.shape[1])
+        causal = columns[None, :] <= (index + jnp.arange(t))[:, None]  # [t, cache_len]
+        mask = (valid[:, None, :] & causal[None])[:, None, None]
+        graphdef, stacked = nnx.split(self.layers)
+
+        def block(x, layer):
+            state, k, v = layer
+            return nnx.merge(graphdef, state)(x, mask, positions, cache=(k, v, index))
+
+        x, (k, v) = jax.lax.scan(block, x, (stacked, cache["k"], cache["v"]))
+        new = {"k": constrain(k, STACKED_CACHE_AXES), "v": constrain(v, STACKED_CACHE_AXES),
+               "index": index + t, "valid": valid}
+        return self._logits(x), new
+
+
+STACKED_CACHE_AXES = (None,) + L.CACHE_AXES  # [layers, batch, length, kv_heads, head_dim]
+
+
+def init_cache(cfg, batch: int, length: int, dtype=None) -> dict:
+    """An empty KV cache for `batch` rows of up to `length` tokens, stacked over the layers.
+
+    k, v: [layers, batch, length, kv_heads, head_dim] in the compute dtype; index: the next column
+    to write (shared by all rows); valid: [batch, length], True where a real token was written."""
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or dtype_of(cfg.dtype)
+    zeros = constrain(jnp.zeros(shape, dtype), STACKED_CACHE_AXES)
+    return {"k": zeros, "v": zeros, "index": jnp.zeros((), jnp.int32),
+            "valid": jnp.zeros((batch, length), bool)}

@@ -159,6 +159,10 @@ def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_key=None):
     return out.reshape(b, t, n, d)
 
 
+# A KV cache is sharded like the activations it stores: batch over data/fsdp, kv heads over tensor.
+CACHE_AXES = ("act_batch", "act_length", "act_kv_heads", "act_head_dim")
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with grouped-query support and optional RoPE."""
 
@@ -175,13 +179,29 @@ class Attention(nnx.Module):
         self.dropout_rate = cfg.dropout_rate
         self.implementation = cfg.attention
 
-    def __call__(self, x, mask, positions, dropout_key=None):
+    def __call__(self, x, mask, positions, dropout_key=None, cache=None):
+        """`cache`: None, or (k, v, index) for incremental decoding, where k and v are this layer's
+        [batch, cache_len, kv_heads, head_dim] keys and values so far and `index` the column where
+        this call's tokens go. The new keys and values are written there, the queries attend over
+        the whole cache (`mask` is then [b, 1, 1, t, cache_len]), and the call returns
+        (out, (k, v)) instead of out."""
         q, k, v = self.query(x), self.key(x), self.value(x)
         if self.rope_theta is not None:
             q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
         q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"))
         k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
+        if cache is not None:
+            k_cache, v_cache, index = cache
+            # Keys are cached after RoPE: a cached key never moves, so it is rotated once.
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            k = constrain(k, CACHE_AXES)
+            v = constrain(v, CACHE_AXES)
+            # The portable path whatever `implementation`: a decode step is one query per row,
+            # where a fused kernel saves little (a long prefill would gain from one; not done).
+            out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+            return self.out(out), (k, v)
         if self.implementation == "cudnn":
             # cuDNN's fused (flash) kernel on NVIDIA GPUs: the [t, s] logits never reach memory.
             out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, :, 0], implementation="cudnn")

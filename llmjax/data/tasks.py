@@ -1,0 +1,132 @@
+"""Small labelled tasks made offline from the embedded corpus (the Python standard library).
+
+`stdlib_modules`: which standard-library package a docstring comes from. Each function, method
+or class with a docstring in one of eight packages gives one example
+    {"prompt": "Docstring: <first paragraph, at most 200 chars>\\nModule:", "response": " asyncio"}
+at most `PER_CLASS` per package (so no class dominates); a stable hash of the definition's
+qualified name puts about 15% of them in the validation split. Fine-tuning a pretrained decoder
+on it (configs/sft_stdlib_modules.py) is a classification task in generation form: the accuracy
+that matters is the exact match of the greedy answer, which `python -m llmjax.data.tasks
+--workdir=DIR` prints next to the majority-class baseline.
+
+The JSONL files are built once into DATA_DIR/llmjax_tasks/<task>-<python>-v<N>/.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import hashlib
+import json
+import os
+import sys
+
+from llmjax.data import documents
+
+MODULES = ("asyncio", "email", "http", "logging", "multiprocessing", "tarfile", "tkinter",
+           "unittest")
+PER_CLASS = 200
+VALIDATION_FRACTION = 0.15
+_VERSION = 1
+TASKS = ("stdlib_modules",)
+
+
+def _unit_hash(text: str) -> float:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2.0**64
+
+
+def stdlib_module_examples(modules=MODULES, per_class: int = PER_CLASS) -> dict[str, list[dict]]:
+    """{"train": [...], "validation": [...]} examples for `modules`, deterministic."""
+    by_module = collections.defaultdict(list)
+    for doc in documents.stdlib_documents():
+        top = doc.path.split("/")[0].removesuffix(".py")
+        if doc.file is None or top not in modules:
+            continue
+        try:
+            tree = ast.parse(doc.read())
+        except SyntaxError:  # a file for another Python version (lib2to3 fixtures and the like)
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            text = ast.get_docstring(node) or ""
+            paragraph = " ".join(text.split("\n\n")[0].split())[:200]
+            if len(paragraph) >= 20:
+                by_module[top].append((f"{doc.path}:{node.lineno}:{node.name}", paragraph))
+    splits = {"train": [], "validation": []}
+    for module in modules:
+        # Sorting by a hash spreads the kept examples over the whole package.
+        kept = sorted(by_module[module], key=lambda e: _unit_hash(e[0]))[:per_class]
+        for name, paragraph in sorted(kept):
+            example = {"prompt": f"Docstring: {paragraph}\nModule:", "response": f" {module}"}
+            split = "validation" if _unit_hash("split:" + name) < VALIDATION_FRACTION else "train"
+            splits[split].append(example)
+    return splits
+
+
+def build(data_cfg) -> dict[str, str]:
+    """Writes the task's JSONL files (once) and returns {"train": path, "validation": path}."""
+    from llmjax.data.corpus import resolve_data_dir
+    name = data_cfg.get("name", "")
+    if name not in TASKS:
+        raise ValueError(f"data.name={name!r} is not a shipped task; choose one of {TASKS}.")
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}"
+    directory = os.path.join(resolve_data_dir(data_cfg), "llmjax_tasks", f"{name}-{tag}-v{_VERSION}")
+    paths = {s: os.path.join(directory, f"{s}.jsonl") for s in ("train", "validation")}
+    if not all(os.path.exists(p) for p in paths.values()):
+        os.makedirs(directory, exist_ok=True)
+        for split, examples in stdlib_module_examples().items():
+            tmp = f"{paths[split]}.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(e) + "\n" for e in examples)
+            os.replace(tmp, paths[split])  # atomic: a reader never sees half a file
+    return paths
+
+
+def majority_accuracy(train: list[dict], validation: list[dict]) -> float:
+    """Accuracy on `validation` of always answering the most common training response."""
+    majority = collections.Counter(e["response"] for e in train).most_common(1)[0][0]
+    return sum(e["response"] == majority for e in validation) / len(validation)
+
+
+def exact_match(run, examples: list[dict], batch_size: int = 64) -> float:
+    """Share of examples whose greedy continuation (up to eos) is exactly the response."""
+    from llmjax import sharding
+    from llmjax.generate import Generator, encode_prompt
+    gen = Generator(run.graphdef, run.model_cfg, mesh=run.mesh, rules=run.rules)
+    longest = max(len(run.tokenizer.encode(e["response"])) for e in examples)
+    correct = 0
+    with sharding.use_mesh(run.mesh, run.rules):
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            out = gen.generate(run.params, [encode_prompt(run.tokenizer, e["prompt"]) for e in chunk],
+                               max_new_tokens=longest + 1, stop_ids=(run.tokenizer.eos_id,))
+            correct += sum(run.tokenizer.decode(t) == e["response"]
+                           for t, e in zip(out.tokens, chunk))
+    return correct / len(examples)
+
+
+def main(argv):
+    from absl import flags
+
+    from llmjax.data.finetune import read_jsonl
+    from llmjax.generate import load_run
+    from absl import logging as absl_logging
+    del argv
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's restore notes are not news here
+    run = load_run(flags.FLAGS.workdir)
+    paths = build({"name": flags.FLAGS.task, "data_dir": run.config.data.get("data_dir", "")})
+    train, validation = read_jsonl(paths["train"]), read_jsonl(paths["validation"])
+    result = {"task": flags.FLAGS.task, "workdir": flags.FLAGS.workdir, "step": run.step,
+              "validation_examples": len(validation),
+              "majority_class_accuracy": round(majority_accuracy(train, validation), 4),
+              "exact_match_accuracy": round(exact_match(run, validation), 4)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    flags.DEFINE_string("workdir", None, "A run (pretrained or fine-tuned) to evaluate.", required=True)
+    flags.DEFINE_string("task", "stdlib_modules", "Which shipped task.")
+    app.run(main)
+

@@ -1,0 +1,443 @@
+"""Decoding with a KV cache, and the command line that uses a trained run.
+
+    python -m llmjax.generate --workdir=DIR --prompt="def fib(n):"      # one continuation
+    python -m llmjax.generate --workdir=DIR                             # prompts from stdin
+    python -m llmjax.generate --workdir=DIR --benchmark                 # decode speed
+    --config.sample.temperature=0.7 --config.sample.top_k=40 --config.sample.top_p=0.9
+    --config.sample.max_new_tokens=64 --config.sample.seed=1            # sampling overrides
+
+The run's saved config (in its newest checkpoint), its tokenizer (WORKDIR/tokenizer.model or the
+config's data.tokenizer) and the newest checkpoint's parameters are used.
+
+Decoding: the prompts are laid out in one [batch, prompt_len] array (left-padded by default, so
+every row's last prompt token is in the same column; right padding works too), each row with its
+own positions (0 at its first real token). One jitted prefill writes the prompts into a KV cache of
+prompt_len + max_new_tokens columns; then a jitted `lax.while_loop` samples one token per step,
+feeds it back through the cache and stops early once every row has produced a stop token. Padding
+columns are never attended to, so a row's result does not depend on what else is in the batch
+(greedy decoding of a batch equals decoding each prompt alone).
+
+Sampling: temperature 0 is greedy; otherwise the logits are divided by the temperature, cut to the
+`top_k` largest (0: all) and to the smallest set whose probability reaches `top_p` (1: all), and
+a token is drawn with the key fold_in(key(seed), step): the same seed gives the same text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llmjax.models.decoder import init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen (static under jit: each setting compiles once)."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no cut
+    top_p: float = 1.0  # 1: no cut
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling settings {self} are out of range; need temperature >= 0, "
+                             "top_k >= 0 and 0 < top_p <= 1.")
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Sets every logit outside the top-k / nucleus (top-p) set to -inf. logits: [batch, vocab]."""
+    neg = jnp.finfo(logits.dtype).min
+    if top_k:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+        # Keep a token while the tokens before it have not yet reached top_p (the first always).
+        kept = jnp.where(before < top_p, ordered, jnp.inf)
+        logits = jnp.where(logits < kept.min(-1, keepdims=True), neg, logits)
+    return logits
+
+
+def choose(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    if sampling.temperature == 0.0:
+        return logits.argmax(-1).astype(jnp.int32)
+    logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def layout(prompts: Sequence[Sequence[int]], *, padding: str = "left", bucket: int = 16):
+    """Prompts of different lengths -> (tokens, segment_ids, positions) [batch, P] and each row's
+    last prompt column. P is the longest prompt rounded up to `bucket` (fewer recompilations)."""
+    if padding not in ("left", "right"):
+        raise ValueError(f"padding={padding!r} is not one of 'left', 'right'.")
+    lengths = np.array([len(p) for p in prompts])
+    width = int(-(-lengths.max() // bucket) * bucket)
+    tokens = np.zeros((len(prompts), width), np.int32)
+    segments = np.zeros_like(tokens)
+    positions = np.zeros_like(tokens)
+    for row, p in enumerate(prompts):
+        start = width - len(p) if padding == "left" else 0
+        tokens[row, start:start + len(p)] = p
+        segments[row, start:start + len(p)] = 1
+        positions[row, start:start + len(p)] = np.arange(len(p))
+    last = (np.full(len(prompts), width - 1) if padding == "left" else lengths - 1).astype(np.int32)
+    return tokens, segments, positions, last
+
+
+@dataclasses.dataclass
+class Output:
+    tokens: list[list[int]]  # per row, the new tokens up to (not including) a stop token
+    stopped: list[bool]  # whether the row ended at a stop token
+
+
+class Generator:
+    """Compiled prefill and decode for one model; call `generate` for each batch of prompts.
+
+    Under a mesh (pass `mesh` and `rules`, or call inside `sharding.use_mesh`), the cache and the
+    activations are sharded by the model's logical axis names like in training.
+    """
+
+    def __init__(self, graphdef, model_cfg, *, mesh=None, rules=None):
+        from llmjax.sharding import rules_from_config
+        self.graphdef, self.cfg = graphdef, model_cfg
+        self.mesh, self.rules = mesh, None if rules is None else rules_from_config(rules)
+
+    # The jitted methods take `self` as a static argument: equal generators (same model, same
+    # mesh) share compilations, so a new Generator per prompt does not recompile.
+    def _key(self):
+        return (self.graphdef, self.cfg, self.mesh, self.rules)
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __eq__(self, other):
+        return isinstance(other, Generator) and self._key() == other._key()
+
+    def _context(self):
+        if self.mesh is None:
+            import contextlib
+            return contextlib.nullcontext()
+        from llmjax import sharding
+        return sharding.use_mesh(self.mesh, self.rules)
+
+    @functools.partial(jax.jit, static_argnums=(0, 6))
+    def _prefill(self, params, tokens, segments, positions, last, cache_len):
+        model = nnx.merge(self.graphdef, params)
+        cache = init_cache(self.cfg, tokens.shape[0], cache_len)
+        logits, cache = model(tokens, segments, positions, cache=cache)
+        return logits[jnp.arange(tokens.shape[0]), last], cache
+
+    @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8))
+    def _decode(self, params, logits, cache, next_pos, key, steps, sampling, stop):
+        """Up to `steps` tokens: [batch, steps], with stop_id-padding after each row's stop."""
+        model = nnx.merge(self.graphdef, params)
+        batch = logits.shape[0]
+        stop_ids = jnp.asarray(stop if stop else (-1,), jnp.int32)
+
+        def cond(carry):
+            i, _, _, _, done, _ = carry
+            return (i < steps) & ~done.all()
+
+        def body(carry):
+            i, cache, logits, pos, done, out = carry
+            token = choose(logits, jax.random.fold_in(key, i), sampling)
+            token = jnp.where(done, stop_ids[0], token)  # finished rows repeat a stop token
+            out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
+            done = done | jnp.isin(token, stop_ids)
+            logits, cache = model(token[:, None], jnp.ones((batch, 1), jnp.int32), pos[:, None],
+                                  cache=cache)
+            return i + 1, cache, logits[:, 0], pos + 1, done, out
+
+        out = jnp.full((batch, steps), stop_ids[0], jnp.int32)
+        carry = (jnp.zeros((), jnp.int32), cache, logits, next_pos, jnp.zeros(batch, bool), out)
+        return jax.lax.while_loop(cond, body, carry)[-1]
+
+    def check(self, prompts, max_new_tokens: int) -> int:
+        """Validates the prompts; returns the number of new tokens that fit the context."""
+        if not len(prompts):
+            raise ValueError("no prompts given; pass at least one prompt.")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty; give at least one token of text to continue.")
+            if len(p) >= self.cfg.max_len:
+                raise ValueError(f"prompt {i} has {len(p)} tokens but the model's context is "
+                                 f"model.max_len={self.cfg.max_len} tokens; shorten the prompt.")
+            if max(p) >= self.cfg.vocab_size or min(p) < 0:
+                raise ValueError(f"prompt {i} has token ids outside [0, {self.cfg.vocab_size}); "
+                                 "use the run's own tokenizer.")
+        room = self.cfg.max_len - max(len(p) for p in prompts)
+        if max_new_tokens > room:
+            logging.warning("max_new_tokens=%d cut to %d to fit model.max_len=%d.", max_new_tokens,
+                            room, self.cfg.max_len)
+        return min(max_new_tokens, room)
+
+    def generate(self, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 sampling: Sampling = Sampling(), seed: int = 0, stop_ids: Sequence[int] = (),
+                 padding: str = "left") -> Output:
+        steps = self.check(prompts, max_new_tokens)
+        stop = tuple(int(s) for s in stop_ids)
+        tokens, segments, positions, last = layout(prompts, padding=padding)
+        next_pos = np.array([len(p) for p in prompts], np.int32)
+        with self._context():
+            logits, cache = self._prefill(params, tokens, segments, positions, last,
+                                          tokens.shape[1] + steps)
+            out = self._decode(params, logits, cache, next_pos, jax.random.key(seed), steps,
+                               sampling, stop)
+        out = np.asarray(jax.device_get(out))
+        rows, stopped = [], []
+        for row in out.tolist():
+            cut = next((i for i, t in enumerate(row) if t in stop), None)
+            rows.append(row if cut is None else row[:cut])
+            stopped.append(cut is not None)
+        return Output(rows, stopped)
+
+
+def generate(graphdef, model_cfg, params, prompts, **kw) -> Output:
+    """One-shot `Generator(graphdef, model_cfg).generate(params, prompts, **kw)`."""
+    return Generator(graphdef, model_cfg).generate(params, prompts, **kw)
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A prompt as the model saw documents in training: [bos] + pieces (no eos)."""
+    if not text:
+        raise ValueError("the prompt is empty; give at least one character of text to continue.")
+    ids = tokenizer.encode(text)
+    bos = tokenizer.bos_id
+    return ([bos] if bos is not None and bos >= 0 else []) + ids
+
+
+def sample_text(graphdef, model_cfg, params, tokenizer, sample_cfg, prompts=None) -> list[str]:
+    """Continuations of `prompts` (default: [sample.prompt]) with the config's sample settings;
+    stops at the tokenizer's end-of-sequence token."""
+    texts = [sample_cfg.prompt] if prompts is None else list(prompts)
+    sampling = Sampling(float(sample_cfg.temperature), int(sample_cfg.top_k),
+                        float(sample_cfg.get("top_p", 1.0)))
+    eos = tokenizer.eos_id
+    out = generate(graphdef, model_cfg, params, [encode_prompt(tokenizer, t) for t in texts],
+                   max_new_tokens=int(sample_cfg.max_new_tokens), sampling=sampling,
+                   seed=int(sample_cfg.get("seed", 0)), stop_ids=(eos,) if eos >= 0 else ())
+    return [t + tokenizer.decode(new) for t, new in zip(texts, out.tokens)]
+
+
+# ------------------------------------------------------------------------------------------------
+# A trained run: its config, tokenizer and newest parameters.
+
+
+@dataclasses.dataclass
+class Run:
+    config: Any  # ml_collections.ConfigDict (the saved, resolved config)
+    model_cfg: Any
+    graphdef: Any
+    params: Any
+    tokenizer: Any
+    step: int
+    mesh: Any
+    rules: Any
+
+
+def saved_config(path: str) -> tuple[dict, int]:
+    """The resolved config saved with the newest checkpoint under `path` (and its step)."""
+    from llmjax.checkpoint import resolve
+    directory, step = resolve(path)
+    file = directory / str(step) / "config" / "metadata"
+    if not file.exists():
+        raise FileNotFoundError(f"the checkpoint {directory / str(step)} has no saved config; it "
+                                "was not written by llmjax (or by its converters).")
+    return json.loads(file.read_text()), step
+
+
+def load_run(workdir: str, mesh_shape=(-1, 1, 1)) -> Run:
+    import ml_collections
+
+    from llmjax import sharding, steps
+    from llmjax.checkpoint import restore_params
+    from llmjax.data.tokenizer import Tokenizer
+    from llmjax.models import ModelConfig
+
+    saved, _ = saved_config(workdir)
+    config = ml_collections.ConfigDict(saved)
+    model_cfg = ModelConfig.from_config(config.model)
+    rules = sharding.rules_from_config(config.get("sharding_rules", sharding.DEFAULT_RULES))
+    mesh = sharding.make_mesh(mesh_shape)
+    graphdef, abstract = steps.abstract_model(model_cfg)
+    with nnx.logical_axis_rules(rules):
+        shardings = sharding.param_shardings(abstract, mesh, rules)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nnx.to_pure_dict(abstract), shardings)
+    params, _, step = restore_params(workdir, target)
+    tokenizer_path = config.data.get("tokenizer", "") or os.path.join(workdir, "tokenizer.model")
+    if not os.path.exists(tokenizer_path):
+        raise FileNotFoundError(f"no tokenizer at {tokenizer_path}; the run's workdir should hold "
+                                "tokenizer.model (or its config data.tokenizer a .model path).")
+    return Run(config, model_cfg, graphdef, params, Tokenizer.load(tokenizer_path), step, mesh,
+               rules)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode benchmark.
+
+
+def benchmark(run: Run, *, batch_sizes=(1, 8), prompt_len: int = 32, new_tokens: int = 64,
+              repeats: int = 3) -> list[dict]:
+    """Prefill latency, per-token latency and tokens/s of greedy decoding with no early stop."""
+    gen = Generator(run.graphdef, run.model_cfg, mesh=run.mesh, rules=run.rules)
+    new_tokens = min(new_tokens, run.model_cfg.max_len - prompt_len)
+    rng = np.random.default_rng(0)
+    results = []
+    for batch in batch_sizes:
+        prompts = rng.integers(1, run.model_cfg.vocab_size, (batch, prompt_len)).tolist()
+        tokens, segments, positions, last = layout(prompts, bucket=1)
+        next_pos = np.full(batch, prompt_len, np.int32)
+        key = jax.random.key(0)
+        prefill_s, decode_s = [], []
+        with gen._context():
+            for r in range(repeats + 1):  # the first round compiles
+                t0 = time.perf_counter()
+                logits, cache = gen._prefill(run.params, tokens, segments, positions, last,
+                                             prompt_len + new_tokens)
+                jax.block_until_ready(logits)
+                t1 = time.perf_counter()
+                out = gen._decode(run.params, logits, cache, next_pos, key, new_tokens, Sampling(), ())
+                jax.block_until_ready(out)
+                t2 = time.perf_counter()
+                if r:
+                    prefill_s.append(t1 - t0)
+                    decode_s.append(t2 - t1)
+        prefill, decode = float(np.median(prefill_s)), float(np.median(decode_s))
+        results.append({
+            "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "prefill_ms": round(1e3 * prefill, 2),
+            "per_token_ms": round(1e3 * decode / new_tokens, 3),
+            "decode_tokens_per_sec": round(batch * new_tokens / decode, 1),
+            "tokens_per_sec": round(batch * new_tokens / (prefill + decode), 1),
+            "device": jax.devices()[0].device_kind})
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _sample_settings(run: Run, argv_overrides) -> Any:
+    """The run's saved `sample` section with the --config.sample.* values given on the command
+    line laid over it."""
+    from llmjax.config import base_config
+    sample = base_config().sample
+    sample.update({k: v for k, v in run.config.get("sample", {}).items() if k in sample})
+    for key, value in argv_overrides.items():
+        sample[key] = value
+    return sample
+
+
+# Errors a user can cause (as in llmjax.main, whose flags this entry point cannot import).
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    from absl import flags
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(f"{e}.")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        _fail(f"a --config.sample override does not fit ({type(e).__name__}: {e}); the keys are "
+              "sample.prompt, max_new_tokens, temperature, top_k, top_p and seed.")
+
+
+def main(argv):
+    from absl import flags
+
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; flags look like --config.sample.key=value.")
+    if not flags.FLAGS.workdir:
+        _fail("--workdir is required: a training run's directory (checkpoints + tokenizer).")
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's read-only notes are not news here
+    # Only the sample settings named on the command line override the run's own.
+    given = {a.split("=", 1)[0][len("--config.sample."):] for a in sys.argv[1:]
+             if a.startswith("--config.sample.")}
+    overrides = {k: flags.FLAGS.config.sample[k] for k in given}
+    try:
+        run = load_run(flags.FLAGS.workdir)
+        if flags.FLAGS.benchmark:
+            for r in benchmark(run):
+                print(f"decode batch {r['batch']}: {r['tokens_per_sec']:.0f} tokens/s "
+                      f"(decode only {r['decode_tokens_per_sec']:.0f}), prefill of "
+                      f"{r['prompt_len']} tokens {r['prefill_ms']:.1f} ms, "
+                      f"{r['per_token_ms']:.2f} ms per token, {r['device']}")
+                print(json.dumps(r))
+            return
+        sample = _sample_settings(run, overrides)
+        args = (run.graphdef, run.model_cfg, run.params, run.tokenizer, sample)
+        if flags.FLAGS.prompt is not None:
+            with _mesh(run):
+                print(sample_text(*args, prompts=[flags.FLAGS.prompt])[0])
+            return
+    except USER_ERRORS as e:
+        _fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
+    # Interactive: one prompt per line until end of input; a bad prompt does not end the session.
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        try:
+            with _mesh(run):
+                print(sample_text(*args, prompts=[line])[0], flush=True)
+        except USER_ERRORS as e:
+            print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr, flush=True)
+
+
+def _mesh(run: Run):
+    from llmjax import sharding
+    return sharding.use_mesh(run.mesh, run.rules)
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    from llmjax.config import base_config
+    import ml_collections
+    flags.DEFINE_string("workdir", None, "A training run's directory.")
+    flags.DEFINE_string("prompt", None, "Text to continue; without it, prompts are read from stdin.")
+    flags.DEFINE_bool("benchmark", False, "Print decode speed (batch 1 and 8) instead of text.")
+    try:  # the overrides in sys.argv are applied as the flag is defined
+        config_flags.DEFINE_config_dict(
+            "config", ml_collections.ConfigDict({"sample": base_config().sample}),
+            "Sampling overrides: --config.sample.temperature=0.7 and so on.", lock_config=True)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        given = [a for a in sys.argv[1:] if a.startswith("--config")]
+        _fail(f"a --config override in {given} names an unknown key or has the wrong type "
+              f"({type(e).__name__}); the keys are sample.prompt, sample.max_new_tokens, "
+              "sample.temperature, sample.top_k, sample.top_p and sample.seed.")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main, flags_parser=_parse_flags)
