@@ -75,6 +75,17 @@ def base_config() -> ml_collections.ConfigDict:
         tokenizer_train_chars=5_000_000,
         num_workers=0,
         shuffle_tokens=1 << 19,  # packed rows are shuffled in windows of this many tokens
+        # Pretraining objective (llmjax/data/objectives.py): causal_lm | mlm | span_corruption |
+        # text_infilling. The last three need a tokenizer with a mask id and sentinel ids.
+        objective="causal_lm",
+        mask_rate=0.15,  # mlm: share of tokens scored (80% [MASK], 10% random, 10% kept)
+        mask_dynamic=True,  # mlm: a new mask each time (RoBERTa) or one per document (BERT)
+        noise_density=0.15,  # span_corruption: share of tokens dropped into the targets
+        mean_noise_span_length=3.0,
+        num_sentinels=100,  # sentinel ids a trained tokenizer reserves (T5: 100 extra ids)
+        infilling_rate=0.3,  # text_infilling: share of tokens masked, in Poisson-length spans
+        poisson_lambda=3.0,
+        permute_sentences=0.0,  # text_infilling: share of rows whose lines are shuffled (BART 1.0)
     ))
 
     c.optim = ml_collections.ConfigDict(dict(

@@ -29,15 +29,31 @@ def abstract_model(model_cfg: ModelConfig):
     return nnx.split(model)
 
 
+# Tables that are looked up rather than multiplied (and the output head, counted apart in FLOPs).
+EMBEDDING_NAMES = ("token_embed", "pos_embed", "type_embed", "relpos_bias", "lm_head")
+# Pretraining-only heads (BERT's MLM transform and bias, BART's logits bias): the published counts
+# (Hugging Face's base models) leave them out.
+PRETRAINING_HEADS = ("mlm_transform", "mlm_norm", "mlm_bias", "final_logits_bias")
+
+
 def count_params(model_cfg: ModelConfig) -> dict[str, int]:
+    """params: every trained parameter; non_embedding_params: without the tables and an untied
+    head; backbone_params: without the pretraining-only heads, as published counts are given.
+    Encoder-decoders add encoder_ and decoder_non_embedding_params (for FLOPs)."""
     _, state = abstract_model(model_cfg)
-    total, embedding = 0, 0
+    counts = {"params": 0, "non_embedding_params": 0, "backbone_params": 0}
+    if model_cfg.family == "encoder_decoder":
+        counts.update(encoder_non_embedding_params=0, decoder_non_embedding_params=0)
     for path, var in nnx.to_flat_state(state):
         size = int(jnp.size(var))
-        total += size
-        if path[0] in ("token_embed", "pos_embed", "lm_head"):
-            embedding += size
-    return {"params": total, "non_embedding_params": total - embedding}
+        counts["params"] += size
+        if not any(p in PRETRAINING_HEADS for p in path):
+            counts["backbone_params"] += size
+        if not any(p in EMBEDDING_NAMES for p in path):
+            counts["non_embedding_params"] += size
+            if path[0] in ("encoder", "decoder") and model_cfg.family == "encoder_decoder":
+                counts[f"{path[0]}_non_embedding_params"] += size
+    return counts
 
 
 def flops_per_token(model_cfg: ModelConfig, seq_len: int) -> int:

@@ -7,12 +7,14 @@ from typing import Any
 
 from flax import nnx
 
+FAMILIES = ("decoder", "encoder", "encoder_decoder")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The `model` section, frozen and typed (NNX keeps it in the static graph definition)."""
 
-    family: str = "decoder"
+    family: str = "decoder"  # decoder | encoder (BERT, RoBERTa) | encoder_decoder (T5, BART)
     vocab_size: int = 50257
     d_model: int = 768
     num_layers: int = 12
@@ -21,11 +23,11 @@ class ModelConfig:
     head_dim: int = 0  # 0: d_model // num_heads
     mlp_dim: int = 3072
     max_len: int = 1024
-    position: str = "learned"  # learned | rope
+    position: str = "learned"  # learned | rope | relative (T5 buckets)
     rope_theta: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    activation: str = "gelu"  # gelu | swiglu
+    activation: str = "gelu"  # gelu (tanh) | swiglu | gelu_exact (erf) | relu | gated_gelu
     use_bias: bool = True
     tie_embeddings: bool = True
     dropout_rate: float = 0.0
@@ -34,6 +36,18 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
     attention: str = "xla"  # xla (portable) | cudnn (fused kernel, NVIDIA GPUs, bf16/fp16)
+    # Encoder and encoder-decoder families (models/encoder.py, models/encoder_decoder.py).
+    num_decoder_layers: int = 0  # encoder_decoder: 0 = same as num_layers (the encoder's)
+    relative_attention_num_buckets: int = 32  # position='relative' (T5): buckets per stack
+    relative_attention_max_distance: int = 128
+    type_vocab_size: int = 0  # token-type (segment A/B) embeddings; BERT 2, RoBERTa 1, else 0
+    position_offset: int = 0  # learned positions start at this row (RoBERTa, BART: 2)
+    post_norm: bool = False  # post-LN blocks x = norm(x + f(x)) and a norm on the embeddings
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model)
+    scale_attention: bool = True  # queries * head_dim**-0.5 (T5 folds it into the init: False)
+    pooler: bool = False  # encoder: BERT's tanh pooler over the first token
+    final_logits_bias: bool = False  # encoder_decoder: BART's bias on the output logits
+    scale_decoder_output: bool = False  # encoder_decoder, tied head: x * d_model**-0.5 (T5)
 
     @classmethod
     def from_config(cls, section: Any) -> "ModelConfig":
@@ -63,8 +77,9 @@ class ModelConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"model.remat_policy={self.remat_policy!r} is not one of "
                              f"{sorted(REMAT_POLICIES)}.")
-        for key, choices in (("position", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
-                             ("activation", ("gelu", "swiglu")),
+        for key, choices in (("position", ("learned", "rope", "relative")),
+                             ("norm", ("layernorm", "rmsnorm")),
+                             ("activation", ("gelu", "swiglu", "gelu_exact", "relu", "gated_gelu")),
                              ("dtype", ("float32", "bfloat16", "float16")),
                              ("param_dtype", ("float32", "bfloat16")),
                              ("attention", ("xla", "cudnn"))):
@@ -73,12 +88,58 @@ class ModelConfig:
         if self.attention == "cudnn" and (self.dropout_rate > 0 or self.dtype == "float32"):
             raise ValueError("model.attention='cudnn' needs model.dtype bfloat16 or float16 and "
                              "model.dropout_rate=0; use model.attention='xla' otherwise.")
-        if self.family != "decoder":
-            raise ValueError(f"model.family={self.family!r} is not supported; use 'decoder'.")
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family={self.family!r} is not one of {FAMILIES}.")
+        self._validate_family()
+
+    def _validate_family(self):
+        """A key that only another family uses is a mistake (e.g. a T5 key on a decoder)."""
+        fam = self.family
+        own = {  # key: the families that may set it away from its default
+            "num_decoder_layers": ("encoder_decoder",), "type_vocab_size": ("encoder",),
+            "pooler": ("encoder",), "final_logits_bias": ("encoder_decoder",),
+            "scale_decoder_output": ("encoder_decoder",),
+            "post_norm": ("encoder", "encoder_decoder"), "position_offset": ("encoder", "encoder_decoder"),
+            "scale_attention": ("encoder", "encoder_decoder"),
+            "scale_embeddings": ("encoder", "encoder_decoder"),
+        }
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, families in own.items():
+            if fam not in families and getattr(self, key) != defaults[key]:
+                raise ValueError(f"model.{key}={getattr(self, key)!r} belongs to the {' and '.join(families)} "
+                                 f"famil{'ies' if len(families) > 1 else 'y'}, not model.family={fam!r}; "
+                                 f"remove it or set model.family.")
+        if fam == "decoder":
+            if self.position == "relative" or self.activation not in ("gelu", "swiglu"):
+                raise ValueError(f"model.family='decoder' supports position learned|rope and activation "
+                                 f"gelu|swiglu (got {self.position!r}, {self.activation!r}); use "
+                                 f"family 'encoder' or 'encoder_decoder' for the others.")
+            return
+        if self.position == "rope":
+            raise ValueError(f"model.family={fam!r} takes position 'learned' or 'relative', not 'rope'.")
+        if self.num_kv_heads != self.num_heads:
+            raise ValueError(f"model.family={fam!r} uses multi-head attention: set model.num_kv_heads "
+                             f"to 0 or {self.num_heads}.")
+        if self.attention != "xla":
+            raise ValueError(f"model.family={fam!r} supports model.attention='xla' only.")
+        if self.post_norm and self.norm != "layernorm":
+            raise ValueError("model.post_norm=True (BERT, BART) needs model.norm='layernorm'.")
+        if self.position == "relative" and self.relative_attention_num_buckets < 2:
+            raise ValueError("model.relative_attention_num_buckets must be at least 2.")
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_decoder_layers or self.num_layers
 
 
 def build_model(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     if cfg.family == "decoder":
         from llmjax.models.decoder import Decoder
         return Decoder(cfg, rngs=rngs)
-    raise ValueError(f"model.family={cfg.family!r} is not supported; use 'decoder'.")
+    if cfg.family == "encoder":
+        from llmjax.models.encoder import Encoder
+        return Encoder(cfg, rngs=rngs)
+    if cfg.family == "encoder_decoder":
+        from llmjax.models.encoder_decoder import EncoderDecoder
+        return EncoderDecoder(cfg, rngs=rngs)
+    raise ValueError(f"model.family={cfg.family!r} is not one of {FAMILIES}.")

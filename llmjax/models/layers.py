@@ -8,6 +8,7 @@ key) and resumes bit for bit.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -211,26 +212,237 @@ class Attention(nnx.Module):
         return self.out(out)
 
 
+# name -> (nonlinearity, gated). Gated MLPs apply it to the gate: wo(act(wi_gate x) * wi x).
+MLP_ACTIVATIONS = {
+    "gelu": (functools.partial(jax.nn.gelu, approximate=True), False),  # GPT-2's tanh form
+    "gelu_exact": (functools.partial(jax.nn.gelu, approximate=False), False),  # BERT, BART (erf)
+    "relu": (jax.nn.relu, False),  # T5 v1.0
+    "swiglu": (jax.nn.silu, True),  # LLaMA
+    "gated_gelu": (functools.partial(jax.nn.gelu, approximate=True), True),  # T5 v1.1 (gelu_new)
+}
+
+
 class Mlp(nnx.Module):
-    """GELU MLP (GPT-2) or gated SwiGLU (LLaMA): wo(act(wi x) [* wi_gate x])."""
+    """Plain MLP wo(act(wi x)) (GPT-2, BERT, T5 v1.0) or gated wo(act(wi_gate x) * wi x) (LLaMA's
+    SwiGLU, T5 v1.1's gated GELU)."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, out_std: float, dtype, param_dtype):
         d, f = cfg.d_model, cfg.mlp_dim
         kw = dict(use_bias=cfg.use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                   init_std=cfg.init_std)
         self.activation = cfg.activation
-        if self.activation not in ("gelu", "swiglu"):
-            raise ValueError(f"model.activation={cfg.activation!r} is not one of 'gelu', 'swiglu'.")
+        if self.activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"model.activation={cfg.activation!r} is not one of "
+                             f"{sorted(MLP_ACTIVATIONS)}.")
+        gated = MLP_ACTIVATIONS[self.activation][1]
         self.wi = Linear((d,), (f,), ("embed", "mlp"), **kw)
-        self.wi_gate = Linear((d,), (f,), ("embed", "mlp"), **kw) if cfg.activation == "swiglu" else None
+        self.wi_gate = Linear((d,), (f,), ("embed", "mlp"), **kw) if gated else None
         kw["init_std"] = out_std
         self.wo = Linear((f,), (d,), ("mlp", "embed"), **kw)
 
     def __call__(self, x):
         h = self.wi(x)
+        act = MLP_ACTIVATIONS[self.activation][0]
         if self.wi_gate is None:
-            h = jax.nn.gelu(h, approximate=True)
+            h = act(h)
         else:
-            h = jax.nn.silu(self.wi_gate(x)) * h
+            h = act(self.wi_gate(x)) * h
         h = constrain(h, ("act_batch", "act_length", "act_mlp"))
         return self.wo(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder and encoder-decoder blocks (BERT, RoBERTa, T5, BART). The decoder family above keeps
+# its own Attention; these add what the other families need: cross-attention, an additive
+# position bias, unscaled queries (T5), post-LN and a relative position bias shared per stack.
+
+
+def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> jax.Array:
+    """T5's bucketing of `memory_position - query_position`: half the buckets are exact offsets,
+    the rest grow logarithmically up to `max_distance` (farther offsets share the last bucket).
+    Bidirectional stacks spend half the buckets on keys after the query."""
+    rel = relative_position
+    bucket = jnp.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (rel > 0).astype(rel.dtype) * num_buckets
+        rel = jnp.abs(rel)
+    else:
+        rel = -jnp.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    is_small = rel < max_exact
+    # The log of 0 is never used (is_small covers it); the maximum keeps it finite for jnp.where.
+    log_ratio = jnp.log(jnp.maximum(rel, 1).astype(jnp.float32) / max_exact) / math.log(
+        max_distance / max_exact)
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(rel.dtype)
+    large = jnp.minimum(large, num_buckets - 1)
+    return bucket + jnp.where(is_small, rel, large)
+
+
+class RelativePositionBias(nnx.Module):
+    """T5's learned scalar bias per (bucket, head), computed once per stack and added to every
+    layer's self-attention logits (Hugging Face keeps it in the stack's first layer)."""
+
+    def __init__(self, cfg, *, bidirectional: bool, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.bidirectional = bidirectional
+        self.num_buckets = cfg.relative_attention_num_buckets
+        self.max_distance = cfg.relative_attention_max_distance
+        # "position" (replicated): a few hundred numbers, read by every attention head's shard.
+        self.embedding = param(rngs, nnx.initializers.normal(cfg.init_std),
+                               (self.num_buckets, cfg.num_heads), ("position", "heads"), param_dtype)
+
+    def __call__(self, q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:
+        """[batch, heads, q_len, kv_len] float32 bias from per-token positions [batch, len]."""
+        rel = kv_positions[:, None, :] - q_positions[:, :, None]
+        buckets = relative_position_bucket(rel, bidirectional=self.bidirectional,
+                                           num_buckets=self.num_buckets,
+                                           max_distance=self.max_distance)
+        bias = jnp.take(self.embedding[...].astype(jnp.float32), buckets, axis=0)  # [b, t, s, h]
+        return bias.transpose(0, 3, 1, 2)
+
+
+def biased_attention(q, k, v, mask, bias=None, *, scale: bool, dropout_rate=0.0, dropout_key=None):
+    """Multi-head attention with an optional additive bias. q: [b, t, h, d]; k, v: [b, s, h, d];
+    mask: boolean, broadcastable to [b, h, t, s]; bias: float, broadcastable likewise. T5 does not
+    scale the queries (its init absorbs head_dim**-0.5): `scale=False`."""
+    if scale:
+        q = q * (1.0 / math.sqrt(q.shape[-1]))
+    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = dropout(probs, dropout_rate, dropout_key).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Self-attention (`context` None) or cross-attention (keys and values from `context`), with
+    the parameter layout of `Attention` (query, key, value, out)."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, out_std: float, dtype, param_dtype):
+        d, n, hd = cfg.d_model, cfg.num_heads, cfg.head_dim
+        kw = dict(use_bias=cfg.use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                  init_std=cfg.init_std)
+        self.query = Linear((d,), (n, hd), ("embed", "heads", "head_dim"), **kw)
+        self.key = Linear((d,), (n, hd), ("embed", "heads", "head_dim"), **kw)
+        self.value = Linear((d,), (n, hd), ("embed", "heads", "head_dim"), **kw)
+        kw["init_std"] = out_std
+        self.out = Linear((n, hd), (d,), ("heads", "head_dim", "embed"), **kw)
+        self.scale, self.dropout_rate = cfg.scale_attention, cfg.dropout_rate
+
+    def __call__(self, x, mask, bias=None, context=None, dropout_key=None):
+        kv = x if context is None else context
+        names = ("act_batch", "act_length", "act_heads", "act_head_dim")
+        q = constrain(self.query(x), names)
+        k, v = constrain(self.key(kv), names), constrain(self.value(kv), names)
+        out = biased_attention(q, k, v, mask, bias, scale=self.scale,
+                               dropout_rate=self.dropout_rate, dropout_key=dropout_key)
+        return self.out(out)
+
+
+class TransformerBlock(nnx.Module):
+    """Self-attention, optional cross-attention, MLP; each a residual sub-layer that is pre-norm
+    `x + f(norm(x))` (T5) or post-norm `norm(x + f(x))` (BERT, BART: `cfg.post_norm`)."""
+
+    def __init__(self, cfg, *, cross: bool, num_layers: int, rngs: nnx.Rngs):
+        from llmjax.models.decoder import dtype_of
+        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        # Pre-norm stacks scale the residual writers' init by 1/sqrt(2 * layers) (GPT-2); post-norm
+        # stacks renormalise after every sub-layer and use one std (BERT).
+        out_std = cfg.init_std if cfg.post_norm else cfg.init_std / math.sqrt(2 * num_layers)
+        kw = dict(rngs=rngs, out_std=out_std, dtype=dtype, param_dtype=pdtype)
+        norm = dict(eps=cfg.norm_eps, use_bias=cfg.use_bias, rngs=rngs, dtype=dtype, param_dtype=pdtype)
+        self.attn_norm = make_norm(cfg.norm, cfg.d_model, **norm)
+        self.attn = MultiHeadAttention(cfg, **kw)
+        if cross:
+            self.cross_norm = make_norm(cfg.norm, cfg.d_model, **norm)
+            self.cross_attn = MultiHeadAttention(cfg, **kw)
+        else:
+            self.cross_norm = self.cross_attn = None
+        self.mlp_norm = make_norm(cfg.norm, cfg.d_model, **norm)
+        self.mlp = Mlp(cfg, **kw)
+        self.post_norm, self.dropout_rate = cfg.post_norm, cfg.dropout_rate
+
+    def _residual(self, x, norm, f, key):
+        if self.post_norm:
+            return norm(x + dropout(f(x), self.dropout_rate, key))
+        return x + dropout(f(norm(x)), self.dropout_rate, key)
+
+    def __call__(self, x, mask, bias=None, context=None, cross_mask=None, key=None):
+        keys = jax.random.split(key, 5) if key is not None else (None,) * 5
+        x = self._residual(x, self.attn_norm,
+                           lambda h: self.attn(h, mask, bias, dropout_key=keys[0]), keys[1])
+        if self.cross_attn is not None:
+            x = self._residual(x, self.cross_norm,
+                               lambda h: self.cross_attn(h, cross_mask, context=context,
+                                                         dropout_key=keys[2]), keys[3])
+        x = self._residual(x, self.mlp_norm, self.mlp, keys[4])
+        return constrain(x, ("act_batch", "act_length", "act_embed"))
+
+
+class Stack(nnx.Module):
+    """One transformer stack (BERT's encoder; T5's or BART's encoder or decoder) with what belongs
+    to it: learned positions or the relative bias, token types, the embedding norm of post-LN
+    models, the scanned blocks and the final norm of pre-norm models. The token table lives in the
+    model, which may share it between stacks.
+
+    `causal` makes self-attention causal (decoders); `cross` adds cross-attention to `context`.
+    """
+
+    def __init__(self, cfg, *, num_layers: int, causal: bool, cross: bool, rngs: nnx.Rngs):
+        from llmjax.models.decoder import dtype_of
+        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        self.cfg, self.num_layers, self.causal = cfg, num_layers, causal
+        emb = dict(rngs=rngs, init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype)
+        self.pos_embed = (Embed(cfg.max_len + cfg.position_offset, cfg.d_model, ("position", "embed"),
+                                **emb) if cfg.position == "learned" else None)
+        self.relpos_bias = (RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs,
+                                                 param_dtype=pdtype)
+                            if cfg.position == "relative" else None)
+        self.type_embed = (Embed(cfg.type_vocab_size, cfg.d_model, ("position", "embed"), **emb)
+                           if cfg.type_vocab_size else None)
+        norm = dict(eps=cfg.norm_eps, use_bias=cfg.use_bias, rngs=rngs, dtype=dtype, param_dtype=pdtype)
+        self.embed_norm = LayerNorm(cfg.d_model, **norm) if cfg.post_norm else None
+
+        @nnx.split_rngs(splits=num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs):
+            return TransformerBlock(cfg, cross=cross, num_layers=num_layers, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = None if cfg.post_norm else make_norm(cfg.norm, cfg.d_model, **norm)
+
+    def __call__(self, x, segment_ids, positions, *, token_types=None, context=None,
+                 context_segments=None, dropout_key=None):
+        """x: token embeddings [b, t, d]; returns the stack's output [b, t, d]."""
+        from llmjax.models.decoder import REMAT_POLICIES
+        cfg = self.cfg
+        keys = (jax.random.split(dropout_key, self.num_layers + 1) if dropout_key is not None
+                else None)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions + cfg.position_offset)
+        if self.type_embed is not None:
+            x = x + self.type_embed(jnp.zeros_like(segment_ids) if token_types is None else token_types)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = dropout(x, cfg.dropout_rate, None if keys is None else keys[-1])
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        mask = attention_mask(segment_ids, segment_ids, causal=self.causal)[:, 0]  # [b, 1, t, t]
+        bias = None if self.relpos_bias is None else self.relpos_bias(positions, positions)
+        cross_mask = (None if context is None else
+                      attention_mask(segment_ids, context_segments, causal=False)[:, 0])
+
+        graphdef, stacked = nnx.split(self.layers)
+
+        def block(x, layer):
+            state, key = layer
+            return nnx.merge(graphdef, state)(x, mask, bias, context, cross_mask, key), None
+
+        if cfg.remat_policy != "none":
+            block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+        x, _ = jax.lax.scan(block, x, (stacked, None if keys is None else keys[:-1]))
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x

@@ -1,0 +1,80 @@
+"""Bidirectional encoders trained by masked language modelling: BERT and RoBERTa.
+
+Call convention (as every family):
+    logits = model(tokens, segment_ids=None, positions=None, dropout_key=None, token_types=None)
+tokens, segment_ids, positions, token_types: int [batch, length]. Every token attends to every
+non-padding token of its own segment (segment 0 is padding); positions restart at 0 in each
+segment. Returns float32 MLM logits [batch, length, vocab] at every position; the loss weights
+pick the masked ones. `encode` gives the hidden states and `pool` BERT's pooled first token.
+
+The `model` config section chooses the style:
+    BERT:    post_norm=True, norm='layernorm', norm_eps=1e-12, activation='gelu_exact',
+             position='learned', type_vocab_size=2, pooler=True, tie_embeddings=True
+    RoBERTa: as BERT with type_vocab_size=1 (a single token type, kept so weights map one to one
+             onto Hugging Face's) and position_offset=2 (its positions start after the pad row).
+The MLM head is BERT's: a dense transform with the activation, a LayerNorm, then the (tied)
+token table plus an output bias. Parameter names map onto Hugging Face's BertModel one to one:
+token_embed ~ word_embeddings, encoder/pos_embed ~ position_embeddings, encoder/type_embed ~
+token_type_embeddings, encoder/embed_norm ~ embeddings.LayerNorm, encoder/layers/* ~
+encoder.layer.N (stacked on a leading axis), pooler ~ pooler.dense, mlm_* ~ cls.predictions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmjax.models import layers as L
+from llmjax.models.decoder import dtype_of
+from llmjax.sharding import constrain
+
+# Parameters used only by the pretraining objective: Hugging Face's base model (and published
+# parameter counts) leave them out.
+PRETRAINING_HEADS = ("mlm_transform", "mlm_norm", "mlm_bias")
+
+
+class Encoder(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        self.token_embed = L.Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), rngs=rngs,
+                                   init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype)
+        self.encoder = L.Stack(cfg, num_layers=cfg.num_layers, causal=False, cross=False, rngs=rngs)
+        dense = dict(rngs=rngs, init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype)
+        # d_model -> d_model maps name their output "mlp" (sharded like an MLP's hidden layer):
+        # two "embed" axes would ask for the same mesh axis twice.
+        self.pooler = (L.Linear((cfg.d_model,), (cfg.d_model,), ("embed", "mlp"), use_bias=True,
+                                **dense) if cfg.pooler else None)
+        self.mlm_transform = L.Linear((cfg.d_model,), (cfg.d_model,), ("embed", "mlp"),
+                                      use_bias=cfg.use_bias, **dense)
+        self.mlm_norm = L.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias,
+                                    rngs=rngs, dtype=dtype, param_dtype=pdtype)
+        self.lm_head = None if cfg.tie_embeddings else L.Linear(
+            (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), use_bias=False, **dense)
+        self.mlm_bias = L.param(rngs, nnx.initializers.zeros, (cfg.vocab_size,), ("vocab",), pdtype)
+
+    def encode(self, tokens, segment_ids=None, positions=None, dropout_key=None, token_types=None):
+        """Hidden states [batch, length, d_model] in the compute dtype."""
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.token_embed(tokens)
+        return self.encoder(x, segment_ids, positions, token_types=token_types,
+                            dropout_key=dropout_key)
+
+    def pool(self, hidden):
+        """BERT's pooled representation: tanh(dense(first token)), for classification heads."""
+        return jnp.tanh(self.pooler(hidden[:, 0]))
+
+    def __call__(self, tokens, segment_ids=None, positions=None, dropout_key=None, token_types=None):
+        x = self.encode(tokens, segment_ids, positions, dropout_key, token_types)
+        act = L.MLP_ACTIVATIONS[self.cfg.activation][0]
+        x = self.mlm_norm(act(self.mlm_transform(x)))
+        if self.lm_head is None:
+            logits = self.token_embed.attend(x)
+        else:
+            logits = self.lm_head(x).astype(jnp.float32)
+        logits = logits + self.mlm_bias[...].astype(jnp.float32)
+        return constrain(logits, ("act_batch", "act_length", "act_vocab"))
