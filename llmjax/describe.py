@@ -18,7 +18,8 @@ def describe(config) -> dict:
     model_cfg = ModelConfig.from_config(config.model)
     counts = steps.count_params(model_cfg)
     return {"family": model_cfg.family, **counts,
-            "flops_per_token": steps.flops_per_token(model_cfg, config.seq_len),
+            "flops_per_token": steps.flops_per_token(
+                model_cfg, config.seq_len, steps.batch_shapes(config, model_cfg)["targets"][1]),
             "seq_len": config.seq_len, "tokens_per_step": config.batch_size * config.seq_len}
 
 

@@ -20,6 +20,34 @@ from llmjax import optim, sharding
 from llmjax.models import ModelConfig, build_model
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
+# Encoder-decoders add the decoder side; targets and weights are then decoder-length.
+DECODER_KEYS = ("decoder_inputs", "decoder_segment_ids", "decoder_positions")
+
+
+def batch_keys(model_cfg: ModelConfig) -> tuple[str, ...]:
+    return BATCH_KEYS + (DECODER_KEYS if model_cfg.family == "encoder_decoder" else ())
+
+
+def batch_shapes(config, model_cfg: ModelConfig | None = None) -> dict[str, tuple[int, int]]:
+    """Global [batch, length] of every batch key: all seq_len, except an encoder-decoder's decoder
+    side, whose length the objective fixes (T5 span corruption: 114 targets for 512 inputs)."""
+    from llmjax.data.objectives import target_length  # pylint: disable=g-import-not-at-top
+    model_cfg = model_cfg or ModelConfig.from_config(config.model)
+    shapes = {k: (config.batch_size, config.seq_len) for k in batch_keys(model_cfg)}
+    if model_cfg.family == "encoder_decoder":
+        decoder = (config.batch_size, target_length(config.data, config.seq_len))
+        shapes.update({k: decoder for k in DECODER_KEYS + ("targets", "weights")})
+    return shapes
+
+
+def forward(model, batch: dict, dropout_key=None) -> jax.Array:
+    """The model's float32 logits for a batch, whatever its family (logits align with targets)."""
+    if model.cfg.family == "encoder_decoder":
+        return model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key,
+                     decoder_tokens=batch["decoder_inputs"],
+                     decoder_segment_ids=batch["decoder_segment_ids"],
+                     decoder_positions=batch["decoder_positions"])
+    return model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key=dropout_key)
 
 
 def abstract_model(model_cfg: ModelConfig):
@@ -56,8 +84,20 @@ def count_params(model_cfg: ModelConfig) -> dict[str, int]:
     return counts
 
 
-def flops_per_token(model_cfg: ModelConfig, seq_len: int) -> int:
+def flops_per_token(model_cfg: ModelConfig, seq_len: int, target_len: int | None = None) -> int:
+    """Training FLOPs per (encoder) input token; see metrics.flops_per_token. An encoder counts
+    like a decoder (its MLM head scores every position); an encoder-decoder counts both stacks
+    per step and divides by the input tokens (target_len: the decoder side, default seq_len)."""
     from llmjax.metrics import flops_per_token as fpt
+    if model_cfg.family == "encoder_decoder":
+        from llmjax.metrics import encoder_decoder_flops_per_token
+        counts = count_params(model_cfg)
+        return encoder_decoder_flops_per_token(
+            encoder_params=counts["encoder_non_embedding_params"],
+            decoder_params=counts["decoder_non_embedding_params"], vocab_size=model_cfg.vocab_size,
+            d_model=model_cfg.d_model, encoder_layers=model_cfg.num_layers,
+            decoder_layers=model_cfg.decoder_layers, num_heads=model_cfg.num_heads,
+            head_dim=model_cfg.head_dim, inputs_length=seq_len, targets_length=target_len or seq_len)
     return fpt(non_embedding_params=count_params(model_cfg)["non_embedding_params"],
                vocab_size=model_cfg.vocab_size, d_model=model_cfg.d_model,
                num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
@@ -105,7 +145,20 @@ def validate(config, mesh, model_cfg: ModelConfig):
             f"batch_size={config.batch_size} (per micro-batch {config.batch_size // micro}) is not "
             f"divisible by the {dp} data-parallel devices (mesh data x fsdp); set --config.batch_size "
             f"to a multiple of {dp * micro}.")
-    if model_cfg.position == "learned" and config.seq_len > model_cfg.max_len:
+    if model_cfg.family != "decoder":
+        from llmjax.data.objectives import ENCODER_DECODER_OBJECTIVES
+        objective = config.data.get("objective", "causal_lm")
+        wanted = ENCODER_DECODER_OBJECTIVES if model_cfg.family == "encoder_decoder" else ("mlm",)
+        if objective not in wanted:
+            raise ValueError(f"model.family={model_cfg.family!r} trains with data.objective in "
+                             f"{wanted}, not {objective!r}; set --config.data.objective.")
+        if model_cfg.position == "learned":
+            longest = max(n for _, n in batch_shapes(config, model_cfg).values())
+            if longest > model_cfg.max_len:
+                raise ValueError(f"a sequence of {longest} tokens exceeds model.max_len="
+                                 f"{model_cfg.max_len} (learned positions); lower seq_len or "
+                                 "raise model.max_len.")
+    elif model_cfg.position == "learned" and config.seq_len > model_cfg.max_len:
         raise ValueError(f"seq_len={config.seq_len} exceeds model.max_len={model_cfg.max_len} "
                          "(learned positions); lower seq_len or raise model.max_len.")
 
@@ -137,8 +190,10 @@ def build(config, mesh) -> Built:
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
     def loss_sums(params, batch, key):
+        # Only positions with weight 1 are scored: the objective's masked/corrupted ones, so
+        # "accuracy" is the masked-token accuracy for masked LM.
         model = nnx.merge(graphdef, params)
-        logits = model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key=key)
+        logits = forward(model, batch, key)
         weights = batch["weights"].astype(jnp.float32)
         loss_sum, count, correct = cross_entropy(logits, batch["targets"], weights)
         return loss_sum, (count, correct)
@@ -184,7 +239,7 @@ def build(config, mesh) -> Built:
         loss_sum, (count, correct) = loss_sums(params, batch, None)
         return {"loss_sum": loss_sum, "count": count, "correct": correct}
 
-    batch_shardings = {k: batch_sh for k in BATCH_KEYS}
+    batch_shardings = {k: batch_sh for k in batch_keys(model_cfg)}
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         jax.eval_shape(init), state_sh)
@@ -200,6 +255,5 @@ def build(config, mesh) -> Built:
 
 
 def abstract_batch(config, built: Built) -> dict:
-    shape = (config.batch_size, config.seq_len)
     return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=built.batch_sharding)
-            for k in BATCH_KEYS}
+            for k, shape in batch_shapes(config, built.model_cfg).items()}

@@ -70,7 +70,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         built = steps.build(config, mesh)
     model_cfg = built.model_cfg
     counts = steps.count_params(model_cfg)
-    flops_per_token = steps.flops_per_token(model_cfg, config.seq_len)
+    flops_per_token = steps.flops_per_token(model_cfg, config.seq_len,
+                                            steps.batch_shapes(config, model_cfg)["targets"][1])
     say(f"model: {counts['params']:,} parameters ({counts['non_embedding_params']:,} non-embedding), "
         f"{flops_per_token / 1e6:.1f} MFLOPs per token")
 

@@ -1,5 +1,9 @@
 """The Grain input pipeline for causal-LM pretraining: documents in, packed token batches out.
 
+(`data.objective` other than causal_lm: masked LM, span corruption and text infilling reuse the
+sharding, shuffling and packing below and then corrupt each row; see `_objective_batches` and
+objectives.py for their batches.)
+
 Per process, in order:
   1. the process's shard of the documents (taken before any tokenizing, so hosts read disjoint
      documents and never tokenize someone else's);
@@ -38,6 +42,7 @@ import grain
 import numpy as np
 
 from llmjax.data import corpus
+from llmjax.data import objectives
 from llmjax.data.tokenizer import Tokenizer
 
 _FEATURES = ("inputs", "targets")
@@ -67,8 +72,11 @@ def make_train_iterator(
     split = data_cfg.get("split_train", "train")
     source = corpus.load_split(data_cfg, split)
     docs = _shard(grain.MapDataset.source(source), process_index, process_count, split, strict=True)
-    docs = docs.shuffle(seed).repeat()  # Shuffling before repeat reseeds it every epoch.
-    ds = _pack_and_batch(docs.map(_TokenizeDocument(tokenizer)), data_cfg, seq_len, rows, seed)
+    if objectives.check_objective(data_cfg.get("objective", "causal_lm")) != "causal_lm":
+        ds = _objective_batches(docs, data_cfg, tokenizer, seq_len, rows, seed, train=True)
+    else:
+        docs = docs.shuffle(seed).repeat()  # Shuffling before repeat reseeds it every epoch.
+        ds = _pack_and_batch(docs.map(_TokenizeDocument(tokenizer)), data_cfg, seq_len, rows, seed)
     if workers := int(data_cfg.get("num_workers", 0)):
         # Each worker runs steps 2-4 on its own slice of the documents; the output is still
         # deterministic, but changes if num_workers changes.
@@ -115,9 +123,12 @@ def make_eval_batches(
     )
     # The fixed row shuffle spreads the batches over many documents (a stdlib file is hundreds of
     # rows long) while keeping every evaluation's tokens identical.
-    ds = _pack_and_batch(
-        docs.repeat().map(_TokenizeDocument(tokenizer)), data_cfg, seq_len, rows, seed=0
-    )
+    if objectives.check_objective(data_cfg.get("objective", "causal_lm")) != "causal_lm":
+        ds = _objective_batches(docs, data_cfg, tokenizer, seq_len, rows, 0, train=False)
+    else:
+        ds = _pack_and_batch(
+            docs.repeat().map(_TokenizeDocument(tokenizer)), data_cfg, seq_len, rows, seed=0
+        )
     return list(itertools.islice(iter(ds), num_batches))
 
 
@@ -136,6 +147,14 @@ class _TokenizeDocument(grain.transforms.Map):
 def _pack_and_batch(
     tokenized: grain.MapDataset, data_cfg, seq_len: int, rows: int, seed: int
 ) -> grain.IterDataset:
+    packed = _pack(tokenized, data_cfg, {k: seq_len for k in _FEATURES}, seed)
+    return _JsonStateIterDataset(packed.batch(rows, drop_remainder=True).map(_model_batch))
+
+
+def _pack(tokenized: grain.MapDataset, data_cfg, length_struct: dict[str, int],
+          seed: int) -> grain.IterDataset:
+    """Concat-then-split packing into rows of `length_struct` lengths, window-shuffled."""
+    seq_len = min(length_struct.values())
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}.")
     # Threads tokenize ahead while the training loop waits on the accelerator. SentencePiece holds
@@ -146,15 +165,63 @@ def _pack_and_batch(
         prefetch_buffer_size=int(data_cfg.get("read_buffer", 16)),
     )
     packed = grain.experimental.ConcatThenSplitIterDataset(
-        tokenized.to_iter_dataset(read), length_struct={k: seq_len for k in _FEATURES}
+        tokenized.to_iter_dataset(read), length_struct=length_struct
     )
     # Consecutive rows are consecutive pieces of one document (a stdlib module fills hundreds of
     # rows), so batches drawn straight from the packer are highly correlated and training stalls.
     # A window shuffle over `data.shuffle_tokens` worth of rows mixes many documents into each
     # batch; its state is the window's start plus a position, so resume stays exact.
     window = max(1, int(data_cfg.get("shuffle_tokens", 1 << 19)) // seq_len)
-    packed = grain.experimental.WindowShuffleIterDataset(packed, window_size=window, seed=seed)
-    return _JsonStateIterDataset(packed.batch(rows, drop_remainder=True).map(_model_batch))
+    return grain.experimental.WindowShuffleIterDataset(packed, window_size=window, seed=seed)
+
+
+class _TokenizeText(grain.transforms.Map):
+    """text -> {"tokens": [bos] + encode(text) + [eos]} (no bos for span corruption, as T5)."""
+
+    def __init__(self, tokenizer: Tokenizer, *, bos: bool):
+        self._tokenizer, self._bos = tokenizer, bos
+
+    def map(self, text: str) -> dict[str, np.ndarray]:
+        tok = self._tokenizer
+        ids = [tok.bos_id] * self._bos + [*tok.encode(text), tok.eos_id]
+        return {"tokens": np.asarray(ids, dtype=np.int32)}
+
+
+def _objective_batches(docs: grain.MapDataset, data_cfg, tokenizer: Tokenizer, seq_len: int,
+                       rows: int, seed: int, *, train: bool) -> grain.IterDataset:
+    """Batches of a denoising objective (see objectives.py for what each example holds).
+
+    Documents are tokenized and packed by concat-then-split as for causal LM, into rows of the
+    raw length the objective needs (span corruption: T5's tokens_length, longer than seq_len),
+    then each row is corrupted. Static MLM masks each document once, before shuffling and
+    packing, so a document keeps its mask in every epoch.
+    """
+    objective = data_cfg.objective
+    objectives.check_setup(data_cfg, tokenizer, seq_len)
+    order = (lambda d: d.shuffle(seed).repeat()) if train else (lambda d: d.repeat())
+    if objective == "mlm" and not data_cfg.get("mask_dynamic", True):
+        masked = docs.map(_TokenizeText(tokenizer, bos=True)).random_map(
+            objectives.MlmRow(data_cfg, tokenizer), seed=seed)
+        packed = _pack(order(masked), data_cfg, {k: seq_len for k in ("inputs", "targets", "weights")},
+                       seed).map(_static_mlm_row)
+    else:
+        length = seq_len
+        if objective == "span_corruption":
+            length = objectives.span_corruption_lengths(
+                seq_len, data_cfg.noise_density, data_cfg.mean_noise_span_length)[0]
+        tokenized = order(docs).map(_TokenizeText(tokenizer, bos=objective != "span_corruption"))
+        transform = {"mlm": lambda: objectives.MlmRow(data_cfg, tokenizer),
+                     "span_corruption": lambda: objectives.SpanCorruptionRow(data_cfg, tokenizer, seq_len),
+                     "text_infilling": lambda: objectives.TextInfillingRow(data_cfg, tokenizer, seq_len),
+                     }[objective]()
+        packed = _pack(tokenized, data_cfg, {"tokens": length}, seed).random_map(transform, seed=seed)
+    return _JsonStateIterDataset(packed.batch(rows, drop_remainder=True))
+
+
+def _static_mlm_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"inputs": packed["inputs"], "targets": packed["targets"],
+            "segment_ids": packed["inputs_segment_ids"], "positions": packed["inputs_positions"],
+            "weights": packed["weights"]}
 
 
 def _model_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

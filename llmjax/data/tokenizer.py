@@ -64,6 +64,51 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self._sp.eos_id()
 
+    @property
+    def mask_id(self) -> int:
+        """The <mask> piece's id (masked LM, text infilling)."""
+        from llmjax.data.objectives import MASK_PIECE  # pylint: disable=g-import-not-at-top
+        i = self._sp.piece_to_id(MASK_PIECE)
+        if i == self._sp.unk_id():
+            raise ValueError(
+                f"The tokenizer {self.path or '(in memory)'} has no {MASK_PIECE} piece, which the "
+                "data objective needs; train a new one (leave data.tokenizer empty and use a new "
+                "--workdir) or give one with <mask> and <extra_id_N> user-defined symbols."
+            )
+        return i
+
+    @property
+    def sentinel_ids(self) -> list[int]:
+        """Ids of the T5 sentinels <extra_id_0>, <extra_id_1>, ... (span corruption)."""
+        if not hasattr(self, "_sentinels"):
+            from llmjax.data.objectives import sentinel_piece  # pylint: disable=g-import-not-at-top
+            ids = []
+            while (i := self._sp.piece_to_id(sentinel_piece(len(ids)))) != self._sp.unk_id():
+                ids.append(i)
+            self._sentinels = ids
+        if not self._sentinels:
+            raise ValueError(
+                f"The tokenizer {self.path or '(in memory)'} has no sentinel pieces (<extra_id_0>, "
+                "...), which span corruption needs; train a new one (leave data.tokenizer empty and "
+                "use a new --workdir) or give one with <extra_id_N> user-defined symbols."
+            )
+        return self._sentinels
+
+    @property
+    def first_ordinary_id(self) -> int:
+        """The first id after the control ids and the reserved (user-defined) pieces."""
+        i = EOS_ID + 1
+        while i < self.vocab_size and (self._sp.is_control(i) or self._sp.IdToPiece(i).startswith(
+                ("<mask>", "<extra_id_"))):
+            i += 1
+        return i
+
+    @property
+    def line_break_ids(self) -> list[int]:
+        """Ids of pieces that contain a line break (sentence ends for sentence permutation)."""
+        return [i for i in range(self.vocab_size)
+                if "\n" in self._sp.IdToPiece(i) or self._sp.IdToPiece(i) == "<0x0A>"]
+
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
@@ -88,6 +133,7 @@ def train_tokenizer(
     model_path: str | os.PathLike | None,
     *,
     max_chars: int = DEFAULT_TRAIN_CHARS,
+    reserved: Sequence[str] = (),
 ) -> Tokenizer:
     """Trains a BPE tokenizer on (the first `max_chars` characters of) `texts`; saves it if asked.
 
@@ -95,6 +141,7 @@ def train_tokenizer(
     merge, and SentencePiece then fails unless `hard_vocab_limit=False`, which we always pass. On a
     corpus big enough it makes no difference; on a tiny one the vocabulary comes out smaller (with a
     warning), which a model with a larger `vocab_size` accepts (see `check_vocab`).
+    `reserved` pieces (<mask>, the sentinels) get the ids right after the control ids, 4, 5, ...
     """
     start = time.perf_counter()
     model = io.BytesIO()
@@ -120,6 +167,7 @@ def train_tokenizer(
             # count makes the .model file byte-identical on every machine.
             num_threads=_TRAIN_THREADS,
             minloglevel=2,
+            **({"user_defined_symbols": list(reserved)} if reserved else {}),
         )
     except RuntimeError as e:
         if "smaller than required_chars" not in str(e):
@@ -159,8 +207,10 @@ def load_or_train_tokenizer(data_cfg, vocab_size: int, workdir: str | os.PathLik
         return Tokenizer.load(path)
     source = corpus.load_split(data_cfg, data_cfg.get("split_train", "train"))
     max_chars = int(data_cfg.get("tokenizer_train_chars", DEFAULT_TRAIN_CHARS))
+    from llmjax.data.objectives import reserved_pieces  # pylint: disable=g-import-not-at-top
     return train_tokenizer(
-        _sample_documents(source, max_chars), vocab_size, path, max_chars=max_chars
+        _sample_documents(source, max_chars), vocab_size, path, max_chars=max_chars,
+        reserved=reserved_pieces(data_cfg),
     )
 
 
