@@ -1,0 +1,122 @@
+"""The encoder-decoder family (T5 v1.0/v1.1, BART): published sizes, numerics against a numpy
+reference, T5's relative buckets, a causal decoder whose cross-attention ignores encoder padding,
+8 devices = 1 device."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmjax import steps
+from llmjax.models import ModelConfig
+from llmjax.models.layers import relative_position_bucket
+
+import family_helpers as fh
+import model_reference
+from test_encoder import run_steps
+
+PUBLISHED = {  # Hugging Face's T5ForConditionalGeneration / BartModel
+    "t5_small": 60_506_624,
+    "t5_base": 222_903_552,
+    "t5_large": 737_668_096,
+    "t5_v1_1_base": 247_577_856,
+    "bart_base": 139_420_416,
+    "bart_large": 406_291_456,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_param_counts_match_published(name):
+    model = fh.load_config(name).model
+    counts = steps.count_params(ModelConfig.from_config(model))
+    assert counts["backbone_params"] == PUBLISHED[name]
+    # BART's final logits bias is the only pretraining-only parameter.
+    assert counts["params"] - counts["backbone_params"] == (
+        model.vocab_size if model.final_logits_bias else 0)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_runlocal_keeps_architecture(name):
+    full, local = fh.load_config(name).model, fh.load_config(name, "runlocal").model
+    for key in ("family", "position", "norm", "activation", "use_bias", "tie_embeddings",
+                "post_norm", "position_offset", "scale_attention", "scale_decoder_output",
+                "final_logits_bias"):
+        assert full[key] == local[key], key
+    assert steps.count_params(ModelConfig.from_config(local))["params"] < 3_000_000
+
+
+def test_relative_position_buckets_match_t5():
+    rel = np.arange(-300, 301)
+    for bidirectional in (True, False):
+        for num_buckets, max_distance in ((32, 128), (8, 20)):
+            got = relative_position_bucket(jnp.asarray(rel), bidirectional=bidirectional,
+                                           num_buckets=num_buckets, max_distance=max_distance)
+            want = [model_reference.t5_bucket(int(r), bidirectional, num_buckets, max_distance)
+                    for r in rel]
+            np.testing.assert_array_equal(np.asarray(got), want)
+    # Known values: exact up to 7 each way, logarithmic up to 128, then the last bucket.
+    assert [model_reference.t5_bucket(r, True, 32, 128) for r in (0, -1, 1, -8, 8, -127, -500)] == [
+        0, 1, 17, 8, 24, 15, 15]
+
+
+def _example(rng, vocab):
+    tokens = rng.integers(0, vocab, (2, 12)).astype(np.int32)
+    seg = np.array([[1] * 7 + [2] * 5, [1] * 12], np.int32)
+    pos = np.array([list(range(7)) + list(range(5)), list(range(12))], np.int32)
+    dec = rng.integers(0, vocab, (2, 8)).astype(np.int32)
+    dec_seg = np.array([[1] * 5 + [2] * 3, [1] * 8], np.int32)
+    dec_pos = np.array([list(range(5)) + list(range(3)), list(range(8))], np.int32)
+    return tokens, seg, pos, dec, dec_seg, dec_pos
+
+
+@pytest.mark.parametrize("style", ["t5", "t5_v1_1", "bart"])
+def test_matches_numpy_reference(style):
+    cfg = fh.tiny_model_cfg(style)
+    model, params = fh.make(cfg)
+    tokens, seg, pos, dec, dec_seg, dec_pos = _example(np.random.default_rng(0), cfg.vocab_size)
+    got = fh.jitted(model)(tokens, seg, pos, decoder_tokens=dec, decoder_segment_ids=dec_seg,
+                           decoder_positions=dec_pos)
+    for i in range(2):
+        want = model_reference.encoder_decoder_logits(params, cfg, tokens[i], seg[i], pos[i], dec[i],
+                                                      dec_seg[i], dec_pos[i])
+        np.testing.assert_allclose(got[i], want, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("style", ["t5", "bart"])
+def test_decoder_is_causal_and_ignores_encoder_padding(style):
+    cfg = fh.tiny_model_cfg(style)
+    model, _ = fh.make(cfg)
+    run = fh.jitted(model)
+    rng = np.random.default_rng(2)
+    tokens = np.repeat(rng.integers(4, cfg.vocab_size, (1, 16)), 3, 0).astype(np.int32)
+    seg = np.array([[1] * 10 + [0] * 6] * 3, np.int32)
+    pos = np.where(seg != 0, np.arange(16), 0).astype(np.int32)
+    dec = np.repeat(rng.integers(4, cfg.vocab_size, (1, 8)), 3, 0).astype(np.int32)
+    tokens[1, 10:] = (tokens[1, 10:] + 5) % cfg.vocab_size  # other tokens under encoder padding
+    dec[2, 5] = (dec[2, 5] + 5) % cfg.vocab_size  # a later decoder token changed
+    out = run(tokens, seg, pos, decoder_tokens=dec)
+    np.testing.assert_allclose(out[1], out[0], atol=1e-5)  # padding is invisible
+    np.testing.assert_allclose(out[2, :5], out[0, :5], atol=1e-5)  # the past cannot see the future
+    assert np.abs(out[2, 5:] - out[0, 5:]).max() > 1e-3  # but the future sees it
+    # Changing a real encoder token changes every decoder position (cross-attention works).
+    tokens[1, 3] = (tokens[1, 3] + 5) % cfg.vocab_size
+    out = run(tokens, seg, pos, decoder_tokens=dec)
+    assert (np.abs(out[1] - out[0]).max(-1) > 1e-4).all()
+
+
+@pytest.mark.parametrize("style", ["t5", "bart"])
+def test_eight_devices_give_the_same_losses(devices, style):
+    config = fh.tiny_train_config(style)
+    batch = fh.synthetic_batch(config, steps.batch_shapes(config))
+    one, _ = run_steps(config, (1, 1, 1), batch)
+    eight, _ = run_steps(fh.tiny_train_config(style), (2, 2, 2), batch)
+    np.testing.assert_allclose(one, eight, rtol=2e-5)
+    assert one[1] < one[0]
+
+
+def test_target_length_comes_from_the_objective():
+    config = fh.tiny_train_config("t5", seq_len=512)
+    config.model.max_len = 512
+    shapes = steps.batch_shapes(config)
+    assert shapes["inputs"] == (16, 512) and shapes["targets"] == shapes["decoder_inputs"] == (16, 114)
+    config = fh.tiny_train_config("bart", **{"data.objective": "text_infilling"})
+    assert steps.batch_shapes(config)["targets"] == (16, 16)
