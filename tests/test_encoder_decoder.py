@@ -120,3 +120,24 @@ def test_target_length_comes_from_the_objective():
     assert shapes["inputs"] == (16, 512) and shapes["targets"] == shapes["decoder_inputs"] == (16, 114)
     config = fh.tiny_train_config("bart", **{"data.objective": "text_infilling"})
     assert steps.batch_shapes(config)["targets"] == (16, 16)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.model.pooler=True"], "model.pooler=True belongs to the encoder family"),
+    (["--config.seq_len=3"], "seq_len=3 is too short for span corruption"),
+    (["--config.data.objective=mlm"], "trains with data.objective in"),
+    (["TOKENIZER"], "has no <mask> piece"),
+])
+def test_bad_input_is_one_line(tmp_path, args, message):
+    from test_train import run_cli
+    if args == ["TOKENIZER"]:  # a tokenizer trained without the reserved pieces
+        path = tmp_path / "plain.model"
+        from llmjax.data.tokenizer import train_tokenizer
+        train_tokenizer(["def f(x):\n    return x + 1\n" * 100], 300, path)
+        args = [f"--config.data.tokenizer={path}"]
+    out = run_cli("llmjax.main", "--config=configs/t5_small.py:runlocal",
+                  f"--workdir={tmp_path / 'run'}", *args)
+    assert out.returncode != 0
+    assert message in out.stderr, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
