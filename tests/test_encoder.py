@@ -38,9 +38,9 @@ def test_runlocal_keeps_architecture(name):
     assert steps.count_params(ModelConfig.from_config(local))["params"] < 3_000_000
 
 
-@pytest.mark.parametrize("style", ["bert", "roberta"])
-def test_matches_numpy_reference(style):
-    cfg = fh.tiny_model_cfg(style)
+def test_matches_numpy_reference():
+    # RoBERTa's offset positions with BERT's two token types: every encoder feature in one model.
+    cfg = fh.tiny_model_cfg("roberta", type_vocab_size=2)
     model, params = fh.make(cfg)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (2, 12)).astype(np.int32)
@@ -71,7 +71,7 @@ def test_output_at_a_position_does_not_depend_on_padding():
     np.testing.assert_allclose(out_long[0, :10], out[0, :10], atol=1e-5)
 
 
-def run_steps(config, mesh_shape, batch, train_steps=2):
+def run_steps(config, mesh_shape, batch, train_steps=2, evaluate=True):
     """Losses of `train_steps` train steps from init, then the eval sums, on a mesh of that shape."""
     config.mesh.shape = mesh_shape
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
@@ -83,7 +83,7 @@ def run_steps(config, mesh_shape, batch, train_steps=2):
         for _ in range(train_steps):
             state, metrics = built.train_step(state, global_batch)
             losses.append(float(metrics["loss"]))
-        ev = jax.device_get(built.eval_step(state["params"], global_batch))
+        ev = jax.device_get(built.eval_step(state["params"], global_batch)) if evaluate else None
     return losses, ev
 
 
@@ -100,8 +100,8 @@ def test_loss_only_on_scored_positions():
 def test_eight_devices_give_the_same_losses(devices):
     config = fh.tiny_train_config("bert")
     batch = fh.synthetic_batch(config, steps.batch_shapes(config))
-    one, _ = run_steps(config, (1, 1, 1), batch)
-    eight, _ = run_steps(fh.tiny_train_config("bert"), (2, 2, 2), batch)
+    one, _ = run_steps(config, (1, 1, 1), batch, evaluate=False)
+    eight, _ = run_steps(fh.tiny_train_config("bert"), (2, 2, 2), batch, evaluate=False)
     np.testing.assert_allclose(one, eight, rtol=2e-5)
     assert one[1] < one[0]
 
