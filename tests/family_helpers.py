@@ -75,6 +75,7 @@ def tiny_train_config(style, **overrides):
     c.mesh.shape = (1, 1, 1)
     c.data.objective = "mlm" if m["family"] == "encoder" else "span_corruption"
     c.data.num_sentinels = 8
+    c.sample.max_new_tokens = 0
     for key, value in overrides.items():
         node = c
         *parents, leaf = key.split(".")
