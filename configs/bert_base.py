@@ -9,6 +9,8 @@ Train (a TPU VM or GPU node):
     python -m llmjax.main --config=configs/bert_base.py --workdir=/tmp/bert_base
 On a laptop CPU, the same architecture shrunk to run in minutes:
     python -m llmjax.main --config=configs/bert_base.py:runlocal --workdir=/tmp/bert_base_local
+Measured (2 shared CPU cores, 600 steps, ~8 min): eval loss 7.65 at step 0 -> 5.59 (unigram
+baseline 5.85), masked-token accuracy 11.7%.
 """
 
 from llmjax.config import base_config, parse_arg

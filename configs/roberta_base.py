@@ -7,6 +7,8 @@ Train:
     python -m llmjax.main --config=configs/roberta_base.py --workdir=/tmp/roberta_base
 On a laptop CPU:
     python -m llmjax.main --config=configs/roberta_base.py:runlocal --workdir=/tmp/roberta_base_local
+Measured (2 shared CPU cores, 600 steps, ~7.5 min): eval loss 7.65 at step 0 -> 5.60 (unigram
+baseline 5.83), masked-token accuracy 11.1%.
 """
 
 from llmjax.config import base_config, parse_arg

@@ -9,6 +9,8 @@ Train:
     python -m llmjax.main --config=configs/t5_small.py --workdir=/tmp/t5_small
 On a laptop CPU, the same architecture shrunk to run in minutes:
     python -m llmjax.main --config=configs/t5_small.py:runlocal --workdir=/tmp/t5_small_local
+Measured (2 shared CPU cores, 600 steps, ~7.5 min): eval loss 7.62 at step 0 -> 5.33 on the
+span-corruption targets (unigram baseline 5.44), token accuracy 18.6%.
 """
 
 from llmjax.config import base_config, parse_arg

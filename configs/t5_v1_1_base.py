@@ -9,6 +9,8 @@ Train:
     python -m llmjax.main --config=configs/t5_v1_1_base.py --workdir=/tmp/t5_v1_1_base
 On a laptop CPU, the same architecture shrunk to run in minutes:
     python -m llmjax.main --config=configs/t5_v1_1_base.py:runlocal --workdir=/tmp/t5_v1_1_base_local
+Measured (2 shared CPU cores, 600 steps, ~7.5 min): eval loss 7.64 at step 0 -> 4.59 on the
+span-corruption targets (unigram baseline 5.44), token accuracy 28.1%.
 """
 
 from llmjax.config import base_config, parse_arg
