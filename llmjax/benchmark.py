@@ -46,12 +46,18 @@ def benchmark(config, steps: int, warmup: int) -> dict:
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
 
+        # Synthetic batches of every key the family's step reads, at its lengths (an
+        # encoder-decoder's decoder side is shorter); every position is a scored real token.
         rng = np.random.default_rng(0)
-        shape = (config.batch_size // jax.process_count(), config.seq_len)
-        local = {"inputs": rng.integers(0, built.model_cfg.vocab_size, shape, dtype=np.int32),
-                 "targets": rng.integers(0, built.model_cfg.vocab_size, shape, dtype=np.int32),
-                 "segment_ids": np.ones(shape, np.int32), "weights": np.ones(shape, np.int32),
-                 "positions": np.broadcast_to(np.arange(config.seq_len, dtype=np.int32), shape).copy()}
+        local = {}
+        for key, (rows, length) in steps_lib.batch_shapes(config, built.model_cfg).items():
+            shape = (rows // jax.process_count(), length)
+            if key in ("inputs", "targets", "decoder_inputs"):
+                local[key] = rng.integers(0, built.model_cfg.vocab_size, shape, dtype=np.int32)
+            elif key.endswith("positions"):
+                local[key] = np.broadcast_to(np.arange(length, dtype=np.int32), shape).copy()
+            else:  # segment ids and weights
+                local[key] = np.ones(shape, np.int32)
         batch = sharding.global_batch(local, built.batch_sharding)
         for _ in range(warmup):
             state, m = compiled(state, batch)
@@ -64,7 +70,8 @@ def benchmark(config, steps: int, warmup: int) -> dict:
             times.append(time.perf_counter() - t)
 
     step_s = float(np.median(times))
-    fpt = steps_lib.flops_per_token(built.model_cfg, config.seq_len)
+    fpt = steps_lib.flops_per_token(built.model_cfg, config.seq_len,
+                                   steps_lib.batch_shapes(config, built.model_cfg)["targets"][1])
     device = jax.devices()[0]
     peak = metrics.peak_flops_per_device(device, config.peak_flops_per_device)
     tokens_per_sec = config.batch_size * config.seq_len / step_s
