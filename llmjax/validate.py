@@ -69,7 +69,20 @@ def validate_config(config, workdir: str | None = None) -> None:
             and "://" not in config.data.tokenizer:
         raise FileNotFoundError(f"data.tokenizer={config.data.tokenizer!r} does not exist; give "
                                 "the path of a SentencePiece .model file, or '' to train one.")
+    if config.data.tokenizer and "://" not in config.data.tokenizer:
+        _check_tokenizer_file(os.path.expanduser(config.data.tokenizer))
     if workdir is not None and "://" not in workdir and os.path.exists(workdir) \
             and not os.path.isdir(workdir):
         raise ValueError(f"--workdir={workdir} is a file, not a directory; give a directory "
                          "(it is created if missing).")
+
+
+def _check_tokenizer_file(path: str) -> None:
+    import sentencepiece as spm
+    try:
+        with open(path, "rb") as f:
+            spm.SentencePieceProcessor(model_proto=f.read())
+    except (RuntimeError, OSError) as e:  # SentencePiece reports a parse failure as RuntimeError
+        raise ValueError(f"data.tokenizer={path!r} is not a SentencePiece model ("
+                         f"{str(e).strip()[:80]}); give a .model file written by SentencePiece, "
+                         "or '' to train one.") from e

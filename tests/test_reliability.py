@@ -93,7 +93,7 @@ def test_nonfinite_step_is_a_no_op(devices):
     the jitted step: parameters and optimizer state come back bit for bit, only the step advances.
     Training on a good batch afterwards gives exactly what it gives without the bad step."""
     config = tiny_config(**{"optim.warmup_steps": 0})  # one device: the select is per element
-    mesh = sharding.make_mesh(config.mesh.shape)
+    mesh = sharding.make_mesh(config.mesh.shape, jax.devices()[:1])
     good, = synthetic_batches(config, 1)
     bad = dict(good, inputs=np.full_like(good["inputs"], config.model.vocab_size))
     with sharding.use_mesh(mesh, config.sharding_rules):
@@ -177,6 +177,7 @@ def test_damaged_newest_checkpoint_falls_back(devices, tokenizer_path, tmp_path,
 # ------------------------------------------------------------------------------------------------
 # Resume on another mesh or device count.
 
+@pytest.mark.slow
 def test_resume_on_other_meshes_and_device_counts(devices, tokenizer_path, tmp_path):
     """Saved at step 2 on (2,2,2); steps 3-4 on (8,1,1), (1,1,8) and on 4 devices as (2,1,2) give
     the losses the (2,2,2) run itself went on to log."""
