@@ -81,6 +81,7 @@ ROWS = {
     "negative learning rate": ({"optim.learning_rate": -1e-3}, "optim.learning_rate=-0.001 is negative"),
     "NaN learning rate": ({"optim.learning_rate": float("nan")}, "must be a finite number"),
     "negative clip norm": ({"optim.grad_clip_norm": -1.0}, "optim.grad_clip_norm=-1.0 is negative"),
+    "negative weight decay": ({"optim.weight_decay": -0.1}, "optim.weight_decay=-0.1 is negative"),
     "negative temperature": ({"sample.temperature": -0.5}, "sample.temperature=-0.5 is negative"),
     "dropout of 1": ({"model.dropout_rate": 1.0}, "model.dropout_rate=1.0 must be in [0, 1)"),
     "validation fraction 0": ({"data.validation_fraction": 0.0}, "data.validation_fraction=0.0"),
@@ -100,6 +101,7 @@ ROWS = {
     # Config against the devices.
     "mesh needs more devices": ({"mesh.shape": (16, 1, 1)}, "needs 16 devices but 8 are available"),
     "mesh with two -1": ({"mesh.shape": (-1, -1, 1)}, "has more than one -1"),
+    "mesh with a zero": ({"mesh.shape": (0, 1, 8)}, "has an entry that is not positive"),
     "mesh with three axes only": ({"mesh.shape": (8, 1)}, "must have 3 entries"),
     "heads not divisible by tensor": ({"model.num_heads": 4, "model.num_kv_heads": 4,
                                        "mesh.shape": (1, 1, 8)},
@@ -153,3 +155,16 @@ def test_all_checkpoints_damaged(tokenizer_path, trained_workdir, no_compile, tm
     check_refused(config_with(tokenizer_path, {}), workdir,
                   "no usable checkpoint in")
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]  # still there
+
+
+def test_fewer_documents_than_processes(tokenizer_path, tmp_path):
+    """Needs two processes to reach through main; the pipeline's own check, called as process 0
+    of 2 over a corpus of two files (one of which is held out for evaluation)."""
+    for i in range(2):
+        (tmp_path / f"doc{i}.txt").write_text(f"document {i}\n" * 50)
+    config = config_with(tokenizer_path, {"data.name": "text", "data.files": f"{tmp_path}/*.txt",
+                                          "data.data_dir": str(tmp_path / "tfds")})
+    tokenizer = data_lib.Tokenizer.load(tokenizer_path)
+    with pytest.raises(ValueError, match=r"fewer than the 2 processes"):
+        data_lib.make_train_iterator(config.data, tokenizer, seq_len=32, batch_size=8, seed=0,
+                                     process_index=0, process_count=2)
