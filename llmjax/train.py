@@ -137,7 +137,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with sharding.use_mesh(mesh, rules):
         # The newest checkpoint that reads back whole; a damaged one is reported and skipped.
         restored = ckpt.restore_newest_good(
-            built.abstract_state, train_iter, allow_fresh_start=config.allow_fresh_start,
+            built.abstract_state, train_iter,
+            allow_fresh_start=config.get("allow_fresh_start", False),
             check_config=lambda saved, where: check_same_model(saved, config, where), warn=warn)
         writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
         if restored is None:
@@ -171,12 +172,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         preemption = Preemption()
         # Non-finite steps: each step's flag stays on the device until the next log or save, so
         # checking costs no extra synchronisation. The update of a flagged step was not applied.
-        guard = NonFiniteGuard(config.nonfinite, loop_state.get("skipped_steps", 0), ckpt)
-        poisoned = set(config.fault_nonfinite_steps)
+        guard = NonFiniteGuard(config.get("nonfinite", "stop"), loop_state.get("skipped_steps", 0),
+                               ckpt)
+        poisoned = set(config.get("fault_nonfinite_steps", ()))
         try:
             while step < end:
                 local = next(train_iter)
-                if step + 1 in poisoned:  # fault injection (tests): out-of-vocabulary ids -> NaN loss
+                if step + 1 in poisoned:  # fault injection: out-of-vocabulary ids -> NaN loss
                     local = dict(local, inputs=np.full_like(local["inputs"], model_cfg.vocab_size))
                 batch = sharding.global_batch(local, built.batch_sharding)
                 state, step_metrics = train_step(state, batch)
@@ -222,8 +224,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     paused = True
                 if preempted:
                     ckpt.close()
-                    say(f"preempted (SIGTERM): saved checkpoint {ckpt.directory / str(step)} at step "
-                        f"{step}; run the same command to resume.")
+                    say(f"preempted (SIGTERM): saved checkpoint {ckpt.directory / str(step)} at "
+                        f"step {step}; run the same command to resume.")
                     writer.close()
                     return last
 

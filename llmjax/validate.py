@@ -55,10 +55,12 @@ def validate_config(config, workdir: str | None = None) -> None:
     if not 0 < fraction < 1:
         raise ValueError(f"data.validation_fraction={fraction!r} must be strictly between 0 and 1 "
                          "(the share of documents held out for evaluation).")
-    if config.nonfinite not in NONFINITE_MODES:
-        raise ValueError(f"nonfinite={config.nonfinite!r} is not one of {NONFINITE_MODES}; 'stop' "
+    # .get: a config written before these keys existed (e.g. by an older convert) still runs.
+    nonfinite = config.get("nonfinite", "stop")
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE_MODES}; 'stop' "
                          "ends the run on a NaN/Inf loss or gradient, 'skip' drops that update.")
-    steps = tuple(config.fault_nonfinite_steps)
+    steps = tuple(config.get("fault_nonfinite_steps", ()))
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
         raise ValueError(f"fault_nonfinite_steps={steps!r} must list step numbers >= 1 (steps "
                          "count from 1), e.g. --config.fault_nonfinite_steps='(5,)'.")
