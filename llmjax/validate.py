@@ -64,9 +64,6 @@ def validate_config(config, workdir: str | None = None) -> None:
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
         raise ValueError(f"fault_nonfinite_steps={steps!r} must list step numbers >= 1 (steps "
                          "count from 1), e.g. --config.fault_nonfinite_steps='(5,)'.")
-    if config.stop_at_step > config.total_steps:
-        raise ValueError(f"stop_at_step={config.stop_at_step} is beyond total_steps="
-                         f"{config.total_steps}; use 0 (run to the end) or a step <= total_steps.")
     if config.data.tokenizer and not os.path.exists(os.path.expanduser(config.data.tokenizer)) \
             and "://" not in config.data.tokenizer:
         raise FileNotFoundError(f"data.tokenizer={config.data.tokenizer!r} does not exist; give "

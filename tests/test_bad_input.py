@@ -87,7 +87,6 @@ ROWS = {
     "validation fraction 0": ({"data.validation_fraction": 0.0}, "data.validation_fraction=0.0"),
     "unknown nonfinite mode": ({"nonfinite": "ignore"}, "nonfinite='ignore' is not one of"),
     "fault step 0": ({"fault_nonfinite_steps": (0,)}, "fault_nonfinite_steps=(0,) must list"),
-    "stop after the end": ({"stop_at_step": 9}, "stop_at_step=9 is beyond total_steps=6"),
     "missing tokenizer file": ({"data.tokenizer": "/nonexistent/spm.model"},
                                "data.tokenizer='/nonexistent/spm.model' does not exist"),
     "unknown optimizer": ({"optim.name": "sgdd"}, "Unknown optim.name 'sgdd'"),
