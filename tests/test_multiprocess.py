@@ -1,13 +1,15 @@
 """Two processes on localhost (jax.distributed, 4 CPU devices each, gloo collectives) train,
-checkpoint and resume together, each reading its own shard of the data; their losses equal one
-process driving all 8 devices over the same global batches."""
+are preempted (SIGTERM to one of them), checkpoint and resume together, each reading its own shard
+of the data; their losses equal one process driving all 8 devices over the same global batches."""
 
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -26,22 +28,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_pair(workdir, tokenizer_path, extra):
+def launch_pair(workdir, tokenizer_path, extra, preempt_after: str | None = None):
+    """Runs process 0 and 1 to their end; returns their outputs. With `preempt_after`, process 1
+    alone gets SIGTERM once process 0 has printed a line starting with it (a preemption notice
+    reaches one host; JAX's sync point makes both save at the same step)."""
     port = free_port()
     # The restart loads the executables the first pair compiled (a persistent cache).
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
                JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "llmjax.main", "--config=tests/reliability_config.py",
-         f"--workdir={workdir}", f"--config.data.tokenizer={tokenizer_path}",
-         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-         *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
-    outs = [p.communicate(timeout=400) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, (out[-2000:], err[-4000:])
+    logs = [workdir.parent / f"process{i}.{free_port()}.log" for i in range(2)]
+    procs = []
+    for i in range(2):
+        with open(logs[i], "w") as log:  # files, not pipes: a full pipe would stall a collective
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "llmjax.main", "--config=tests/reliability_config.py",
+                 f"--workdir={workdir}", f"--config.data.tokenizer={tokenizer_path}",
+                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                 f"--process_id={i}", *extra], cwd=ROOT, env=env, stdout=log,
+                stderr=subprocess.STDOUT))
+    if preempt_after is not None:
+        deadline = time.time() + 300
+        while not any(line.startswith(preempt_after) for line in logs[0].read_text().splitlines()):
+            assert time.time() < deadline and procs[0].poll() is None, logs[0].read_text()[-3000:]
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+    for p in procs:
+        p.wait(timeout=400)
+    outs = [log.read_text() for log in logs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
     return outs
 
 
@@ -49,7 +66,7 @@ def reference_losses(tokenizer_path, total):
     """One process, 8 devices, the global batch assembled from both processes' shards in process
     order (process 0's rows first: its devices come first in the mesh)."""
     config = reliability_config.get_config()
-    config.data.tokenizer = str(tokenizer_path)
+    config.data.tokenizer, config.total_steps = str(tokenizer_path), total
     tokenizer = data_lib.Tokenizer.load(tokenizer_path)
     iters = [data_lib.make_train_iterator(config.data, tokenizer, seed=config.seed,
                                           seq_len=config.seq_len, batch_size=config.batch_size,
@@ -69,18 +86,25 @@ def reference_losses(tokenizer_path, total):
 
 @pytest.mark.slow
 def test_two_processes_train_checkpoint_resume(devices, tmp_path):
+    total = 30
     tokenizer_path = data_lib.load_or_train_tokenizer(
         reliability_config.get_config().data, 512, str(tmp_path / "tok")).path
     workdir = tmp_path / "run"
-    first = launch_pair(workdir, tokenizer_path, ["--config.total_steps=4",
-                                                  "--config.stop_at_step=2"])
-    assert "2 process(es)" in first[0][0]
-    assert not [l for l in first[1][0].splitlines() if l.startswith(("mesh", "step"))]  # 0 prints
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
-    second = launch_pair(workdir, tokenizer_path, ["--config.total_steps=4"])
-    assert "resumed from step 2" in second[0][0]
+    extra = [f"--config.total_steps={total}", "--config.checkpoint_every_steps=1000"]
+    first = launch_pair(workdir, tokenizer_path, extra, preempt_after="step  2/")
+    assert "2 process(es)" in first[0]
+    assert not [l for l in first[1].splitlines() if l.startswith(("mesh", "step"))]  # 0 prints
+    preempted = [l for l in first[0].splitlines() if l.startswith("preempted")]
+    assert len(preempted) == 1, first[0][-3000:]
+    at = int(preempted[0].split(" at step ")[1].split(";")[0])
+    assert 2 < at < total and sorted(os.listdir(workdir / "checkpoints")) == [str(at)]
+    second = launch_pair(workdir, tokenizer_path, extra)
+    assert f"resumed from step {at}" in second[0]
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     logged = {r["step"]: r["loss"] for r in records if "loss" in r}
-    assert sorted(logged) == [1, 2, 3, 4]
-    expected = reference_losses(tokenizer_path, 4)
-    np.testing.assert_allclose([logged[s] for s in (1, 2, 3, 4)], expected, rtol=2e-5)
+    assert sorted(logged) == list(range(1, total + 1))
+    expected = reference_losses(tokenizer_path, total)
+    np.testing.assert_allclose([logged[s] for s in range(1, total + 1)], expected, rtol=2e-5)
+    print(f"\n2 processes: SIGTERM to process 1 after step 2, both saved at step {at}; max relative "
+          f"loss difference to 1 process x 8 devices over {total} steps: "
+          f"{max(abs(logged[s] - e) / abs(e) for s, e in zip(range(1, total + 1), expected)):.1e}")
