@@ -58,6 +58,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.max_to_keep = 3
     c.async_checkpointing = True
     c.peak_flops_per_device = 0.0  # 0: look up the device (or measure it, on CPU)
+    # Reliability (README "Reliability"): what a NaN/Inf loss or gradient does ("stop": end the run
+    # naming the step and the last good checkpoint; "skip": drop that update and count it), whether
+    # a workdir whose checkpoints are all unreadable may start again from step 0, and a test hook
+    # that poisons the batches of the given steps (token ids out of the vocabulary -> NaN loss).
+    c.nonfinite = "stop"
+    c.allow_fresh_start = False
+    c.fault_nonfinite_steps = ()  # steps (1-based) whose batch is poisoned
 
     c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
     c.model.num_kv_heads = 0  # 0: derived (num_heads); kept 0 so a config that changes heads

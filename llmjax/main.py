@@ -35,13 +35,31 @@ def main(argv):
     import jax
     if COORDINATOR.value or DISTRIBUTED.value:
         jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
-    from llmjax.train import train_and_evaluate
-    os.makedirs(WORKDIR.value, exist_ok=True)
+    from llmjax.train import NonFiniteError
     logging.set_verbosity(logging.WARNING)
     try:
-        train_and_evaluate(config, WORKDIR.value)
+        run(config, WORKDIR.value)
     except USER_ERRORS as e:
-        cli.fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
+        cli.fail(one_line(e))
+    except NonFiniteError as e:  # the run diverged: not a usage error, so another exit status
+        cli.fail(one_line(e), code=3)
+
+
+def one_line(error: BaseException) -> str:
+    # KeyError's str() is the repr of its argument: quoted.
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    text = str(text).strip()
+    return text.splitlines()[0] if text else repr(error)
+
+
+def run(config, workdir: str) -> dict:
+    """Validates, then trains. Config errors raise before the workdir is created or touched;
+    see the README's "Bad configs and data" table."""
+    from llmjax.train import train_and_evaluate
+    from llmjax.validate import validate_config
+    validate_config(config, workdir)
+    os.makedirs(workdir, exist_ok=True)
+    return train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":

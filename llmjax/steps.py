@@ -231,11 +231,20 @@ def build(config, mesh) -> Built:
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state}
-        metrics = {"loss": loss_sum / denom, "accuracy": correct / denom,
-                   "grad_norm": optim.global_norm(grads), "learning_rate": schedule(state["step"]),
-                   "loss_tokens": count}  # target tokens the loss scored (padding excluded)
+        new_params = optax.apply_updates(params, updates)
+        loss, grad_norm = loss_sum / denom, optim.global_norm(grads)
+        # A NaN/Inf loss or gradient leaves parameters and optimizer state as they were (only the
+        # step advances, so the next batch and key are the ones an uninterrupted run would use);
+        # the loop then stops or counts the skip (config.nonfinite). Finite steps are unchanged
+        # bit for bit: the select picks the new values exactly.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
+                     "opt_state": keep(opt_state, state["opt_state"])}
+        metrics = {"loss": loss, "accuracy": correct / denom,
+                   "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
+                   "loss_tokens": count,  # target tokens the loss scored (padding excluded)
+                   "nonfinite": 1 - finite.astype(jnp.int32)}  # 1: this step's update was skipped
         return new_state, metrics
 
     def eval_step(params, batch):

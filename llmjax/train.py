@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sys
 import time
 
 import jax
@@ -24,6 +25,8 @@ from llmjax import sharding, steps
 from llmjax.checkpoint import Checkpointer
 from llmjax.data import finetune
 from llmjax.generate import sample_text
+from llmjax.preemption import Preemption
+from llmjax.validate import validate_config
 
 
 def evaluate(built, params, eval_batches) -> dict:
@@ -35,6 +38,44 @@ def evaluate(built, params, eval_batches) -> dict:
     loss = sums["loss_sum"] / max(sums["count"], 1.0)
     return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0))),
             "eval_accuracy": sums["correct"] / max(sums["count"], 1.0)}
+
+
+class NonFiniteError(RuntimeError):
+    """The run stopped on a NaN/Inf loss or gradient (config.nonfinite="stop")."""
+
+
+class NonFiniteGuard:
+    """Acts on the train step's `nonfinite` flags (its update was already not applied).
+
+    "skip": counts them (logged as skipped_steps and kept in checkpoints). "stop": raises
+    NonFiniteError naming the first such step and the last checkpoint saved before it.
+    """
+
+    def __init__(self, mode: str, skipped: int, ckpt: Checkpointer):
+        self.mode, self.skipped, self.ckpt = mode, int(skipped), ckpt
+        self.pending: list[tuple[int, jax.Array]] = []
+        self.last_saved = ckpt.latest_step()
+
+    def add(self, step: int, flag: jax.Array):
+        self.pending.append((step, flag))
+
+    def saved(self, step: int):
+        self.last_saved = step
+
+    def check(self):
+        if not self.pending:
+            return
+        flags = jax.device_get([f for _, f in self.pending])
+        bad = [s for (s, _), f in zip(self.pending, flags) if int(f)]
+        self.pending = []
+        self.skipped += len(bad)
+        if bad and self.mode == "stop":
+            good = ("none saved yet" if self.last_saved is None
+                    else str(self.ckpt.directory / str(self.last_saved)))
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {bad[0]} (its update was not applied); the "
+                f"last good checkpoint is {good}; lower the learning rate, check the data, or set "
+                "--config.nonfinite=skip to skip such steps.")
 
 
 def check_same_model(saved: dict, config, where) -> None:
@@ -51,6 +92,7 @@ def check_same_model(saved: dict, config, where) -> None:
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains `config` in `workdir` (resuming if a checkpoint is there); returns the last metrics."""
+    validate_config(config, workdir)
     jax.config.update("jax_threefry_partitionable", True)
     is_main = jax.process_index() == 0
     say = functools.partial(print, flush=True) if is_main else (lambda *a, **k: None)
@@ -91,11 +133,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # Initialise directly sharded, or restore the newest checkpoint onto this mesh.
     ckpt = Checkpointer(workdir, max_to_keep=config.max_to_keep,
                         async_save=config.async_checkpointing)
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-    latest = ckpt.latest_step()
+    warn = functools.partial(print, "warning:", file=sys.stderr, flush=True) if is_main else (
+        lambda *a, **k: None)
     with sharding.use_mesh(mesh, rules):
-        if latest is None:
-            state = built.init()
+        # The newest checkpoint that reads back whole; a damaged one is reported and skipped.
+        restored = ckpt.restore_newest_good(
+            built.abstract_state, train_iter,
+            allow_fresh_start=config.get("allow_fresh_start", False),
+            check_config=lambda saved, where: check_same_model(saved, config, where), warn=warn)
+        writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+        if restored is None:
+            state, loop_state = built.init(), {}
             baseline = data_lib.unigram_entropy(eval_batches)
             say(f"unigram baseline (token frequencies only): eval loss {baseline:.3f}")
             writer.write(0, {"unigram_eval_loss": baseline})
@@ -106,8 +154,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 say(f"initialised from {config.init_from} (step {from_step}): "
                     + metrics_lib.format_line(0, config.total_steps, record))
         else:
-            check_same_model(ckpt.restore_config(latest), config, ckpt.directory / str(latest))
-            state = ckpt.restore(latest, built.abstract_state, train_iter)
+            latest, state, loop_state = restored
             say(f"resumed from step {latest}")
 
         # ------------------------------------------------------------------------------------
@@ -123,41 +170,72 @@ def train_and_evaluate(config, workdir: str) -> dict:
         last = {}
         t_log, steps_since_log = time.perf_counter(), 0
         end = min(config.stop_at_step or config.total_steps, config.total_steps)
-        while step < end:
-            batch = sharding.global_batch(next(train_iter), built.batch_sharding)
-            state, step_metrics = train_step(state, batch)
-            step += 1
-            steps_since_log += 1
+        preemption = Preemption()
+        # Non-finite steps: each step's flag stays on the device until the next log or save, so
+        # checking costs no extra synchronisation. The update of a flagged step was not applied.
+        guard = NonFiniteGuard(config.get("nonfinite", "stop"), loop_state.get("skipped_steps", 0),
+                               ckpt)
+        poisoned = set(config.get("fault_nonfinite_steps", ()))
+        try:
+            while step < end:
+                local = next(train_iter)
+                if step + 1 in poisoned:  # fault injection: out-of-vocabulary ids -> NaN loss
+                    local = dict(local, inputs=np.full_like(local["inputs"], model_cfg.vocab_size))
+                batch = sharding.global_batch(local, built.batch_sharding)
+                state, step_metrics = train_step(state, batch)
+                step += 1
+                steps_since_log += 1
+                guard.add(step, step_metrics["nonfinite"])
 
-            if step % config.log_every_steps == 0 or step == config.total_steps:
-                record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                record["loss_tokens"] = int(record["loss_tokens"])
-                elapsed = time.perf_counter() - t_log
-                record["step_time_ms"] = 1e3 * elapsed / steps_since_log
-                record["tokens_per_sec"] = tokens_per_step * steps_since_log / elapsed
-                record["mfu"] = metrics_lib.mfu(record["tokens_per_sec"], flops_per_token,
-                                                jax.device_count(), peak)
-                writer.write(step, record)
-                say(metrics_lib.format_line(step, config.total_steps, record))
-                last.update(record)
-                t_log, steps_since_log = time.perf_counter(), 0
+                if step % config.log_every_steps == 0 or step == config.total_steps:
+                    guard.check()
+                    record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    record["loss_tokens"] = int(record["loss_tokens"])
+                    del record["nonfinite"]
+                    record["skipped_steps"] = guard.skipped
+                    elapsed = time.perf_counter() - t_log
+                    record["step_time_ms"] = 1e3 * elapsed / steps_since_log
+                    record["tokens_per_sec"] = tokens_per_step * steps_since_log / elapsed
+                    record["mfu"] = metrics_lib.mfu(record["tokens_per_sec"], flops_per_token,
+                                                    jax.device_count(), peak)
+                    writer.write(step, record)
+                    say(metrics_lib.format_line(step, config.total_steps, record))
+                    last.update(record)
+                    t_log, steps_since_log = time.perf_counter(), 0
 
-            paused = False
-            if step % config.eval_every_steps == 0 or step == config.total_steps:
-                record = evaluate(built, state["params"], eval_batches)
-                writer.write(step, record)
-                say(metrics_lib.format_line(step, config.total_steps, record))
-                last.update(record)
-                paused = True
+                paused = False
+                if step % config.eval_every_steps == 0 or step == config.total_steps:
+                    record = evaluate(built, state["params"], eval_batches)
+                    writer.write(step, record)
+                    say(metrics_lib.format_line(step, config.total_steps, record))
+                    last.update(record)
+                    paused = True
 
-            if step % config.checkpoint_every_steps == 0 or step == end:
-                ckpt.save(step, state, train_iter, config.to_dict(), force=True)
-                paused = True
+                preempted = preemption.reached(step)
+                if step % config.checkpoint_every_steps == 0 or step == end or preempted:
+                    guard.check()  # never save past a non-finite step in "stop" mode
+                    t0 = time.perf_counter()
+                    ckpt.save(step, state, train_iter, config.to_dict(), force=True,
+                              loop={"skipped_steps": guard.skipped})
+                    # How long the loop waits for a save (async: the copy off the devices only).
+                    blocked_ms = 1e3 * (time.perf_counter() - t0)
+                    writer.write(step, {"checkpoint_blocking_ms": blocked_ms})
+                    say(f"step {step}: checkpoint saving (the loop waited {blocked_ms:.0f} ms)")
+                    guard.saved(step)
+                    paused = True
+                if preempted:
+                    ckpt.close()
+                    say(f"preempted (SIGTERM): saved checkpoint {ckpt.directory / str(step)} at "
+                        f"step {step}; run the same command to resume.")
+                    writer.close()
+                    return last
 
-            if paused:  # evaluation and saving are not training time
-                t_log, steps_since_log = time.perf_counter(), 0
-
-        ckpt.close()
+                if paused:  # evaluation and saving are not training time
+                    t_log, steps_since_log = time.perf_counter(), 0
+            guard.check()
+        finally:
+            preemption.close()
+            ckpt.close()  # lets an async save finish, also when the loop stops on an error
         writer.close()
 
         # ------------------------------------------------------------------------------------

@@ -1,0 +1,87 @@
+"""Checks on a config that need neither devices nor data, run before the workdir is touched.
+
+Each failure is one ValueError (or FileNotFoundError) sentence naming the key, its value and the
+fix. Checks that need the mesh live in `steps.validate`, those that need the data in `llmjax.data`;
+the README's "Bad configs and data" table lists all of them, and tests/test_bad_input.py has one
+test per row.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+NONFINITE_MODES = ("stop", "skip")
+
+# (key, smallest allowed value): counts and periods that must be positive or non-negative.
+_AT_LEAST = (
+    ("total_steps", 1), ("batch_size", 1), ("seq_len", 1), ("microbatches", 1),
+    ("log_every_steps", 1), ("eval_every_steps", 1), ("eval_steps", 1),
+    ("checkpoint_every_steps", 1), ("max_to_keep", 1), ("stop_at_step", 0),
+    ("model.vocab_size", 1), ("model.d_model", 1), ("model.num_layers", 1),
+    ("model.num_heads", 1), ("model.mlp_dim", 1), ("model.max_len", 1),
+    ("optim.warmup_steps", 0), ("sample.max_new_tokens", 0), ("sample.top_k", 0),
+)
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _number(config, key: str) -> float:
+    value = _get(config, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{key}={value!r} must be a finite number; set --config.{key}.")
+    return value
+
+
+def validate_config(config, workdir: str | None = None) -> None:
+    for key, low in _AT_LEAST:
+        if _number(config, key) < low:
+            raise ValueError(f"{key}={_get(config, key)!r} must be at least {low}; set "
+                             f"--config.{key} to a value >= {low}.")
+    for key in ("optim.learning_rate", "optim.grad_clip_norm", "optim.weight_decay",
+                "sample.temperature"):
+        if _number(config, key) < 0:
+            raise ValueError(f"{key}={_get(config, key)!r} is negative; set --config.{key} >= 0.")
+    rate = _number(config, "model.dropout_rate")
+    if not 0 <= rate < 1:
+        raise ValueError(f"model.dropout_rate={rate!r} must be in [0, 1); set "
+                         "--config.model.dropout_rate=0.1 or similar (0 disables dropout).")
+    fraction = _number(config, "data.validation_fraction")
+    if not 0 < fraction < 1:
+        raise ValueError(f"data.validation_fraction={fraction!r} must be strictly between 0 and 1 "
+                         "(the share of documents held out for evaluation).")
+    # .get: a config written before these keys existed (e.g. by an older convert) still runs.
+    nonfinite = config.get("nonfinite", "stop")
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE_MODES}; 'stop' "
+                         "ends the run on a NaN/Inf loss or gradient, 'skip' drops that update.")
+    steps = tuple(config.get("fault_nonfinite_steps", ()))
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
+        raise ValueError(f"fault_nonfinite_steps={steps!r} must list step numbers >= 1 (steps "
+                         "count from 1), e.g. --config.fault_nonfinite_steps='(5,)'.")
+    if config.data.tokenizer and not os.path.exists(os.path.expanduser(config.data.tokenizer)) \
+            and "://" not in config.data.tokenizer:
+        raise FileNotFoundError(f"data.tokenizer={config.data.tokenizer!r} does not exist; give "
+                                "the path of a SentencePiece .model file, or '' to train one.")
+    if config.data.tokenizer and "://" not in config.data.tokenizer:
+        _check_tokenizer_file(os.path.expanduser(config.data.tokenizer))
+    if workdir is not None and "://" not in workdir and os.path.exists(workdir) \
+            and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir} is a file, not a directory; give a directory "
+                         "(it is created if missing).")
+
+
+def _check_tokenizer_file(path: str) -> None:
+    import sentencepiece as spm
+    try:
+        with open(path, "rb") as f:
+            spm.SentencePieceProcessor(model_proto=f.read())
+    except (RuntimeError, OSError) as e:  # SentencePiece reports a parse failure as RuntimeError
+        raise ValueError(f"data.tokenizer={path!r} is not a SentencePiece model ("
+                         f"{str(e).strip()[:80]}); give a .model file written by SentencePiece, "
+                         "or '' to train one.") from e

@@ -1,0 +1,169 @@
+"""Every error a user can cause from the config or the data: one line, before compilation, and the
+existing workdir is left as it was. One test per row of the README's "Bad configs and data" table.
+
+The runs go through `llmjax.main.run` (what `python -m llmjax.main` calls) in this process; the
+command line's own `error:` printing is covered in test_train.py::test_bad_input_is_one_line.
+"""
+
+import hashlib
+import pathlib
+import shutil
+
+import pytest
+
+from llmjax import data as data_lib
+from llmjax import main as main_lib
+from llmjax import steps as steps_lib
+from llmjax.validate import _AT_LEAST
+from tests import reliability_config
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tokenizer")
+    return data_lib.load_or_train_tokenizer(reliability_config.get_config().data, 512,
+                                            str(workdir)).path
+
+
+def config_with(tokenizer_path, overrides):
+    c = reliability_config.get_config()
+    c.data.tokenizer = str(tokenizer_path)
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(devices, tokenizer_path, tmp_path_factory):
+    """A workdir a real run left behind: metrics, data spec and the checkpoint of step 2."""
+    workdir = tmp_path_factory.mktemp("trained")
+    main_lib.run(config_with(tokenizer_path, {"total_steps": 2}), str(workdir))
+    return workdir
+
+
+def tree_files(path) -> dict:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file()
+            else "dir" for p in sorted(pathlib.Path(path).rglob("*"))}
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    """Fails the test if a run gets as far as compiling the train step."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a bad input reached compilation")
+    monkeypatch.setattr(steps_lib, "abstract_batch", refuse)
+
+
+def check_refused(config, workdir, message):
+    before = tree_files(workdir)
+    with pytest.raises(main_lib.USER_ERRORS) as info:
+        main_lib.run(config, str(workdir))
+    line = main_lib.one_line(info.value)
+    assert message in line, line
+    text = info.value.args[0] if info.value.args else ""
+    assert "\n" not in str(text).strip(), text  # the whole message is one line
+    assert tree_files(workdir) == before  # the workdir is exactly as it was
+
+
+# Config keys that must be positive or non-negative: one row each, from validate's own table.
+@pytest.mark.parametrize("key, low", _AT_LEAST, ids=[k for k, _ in _AT_LEAST])
+def test_too_small_value(tokenizer_path, trained_workdir, no_compile, key, low):
+    check_refused(config_with(tokenizer_path, {key: low - 1}), trained_workdir,
+                  f"{key}={low - 1} must be at least {low}")
+
+
+ROWS = {
+    # Config values.
+    "negative learning rate": ({"optim.learning_rate": -1e-3}, "optim.learning_rate=-0.001 is negative"),
+    "NaN learning rate": ({"optim.learning_rate": float("nan")}, "must be a finite number"),
+    "negative clip norm": ({"optim.grad_clip_norm": -1.0}, "optim.grad_clip_norm=-1.0 is negative"),
+    "negative weight decay": ({"optim.weight_decay": -0.1}, "optim.weight_decay=-0.1 is negative"),
+    "negative temperature": ({"sample.temperature": -0.5}, "sample.temperature=-0.5 is negative"),
+    "dropout of 1": ({"model.dropout_rate": 1.0}, "model.dropout_rate=1.0 must be in [0, 1)"),
+    "validation fraction 0": ({"data.validation_fraction": 0.0}, "data.validation_fraction=0.0"),
+    "unknown nonfinite mode": ({"nonfinite": "ignore"}, "nonfinite='ignore' is not one of"),
+    "fault step 0": ({"fault_nonfinite_steps": (0,)}, "fault_nonfinite_steps=(0,) must list"),
+    "missing tokenizer file": ({"data.tokenizer": "/nonexistent/spm.model"},
+                               "data.tokenizer='/nonexistent/spm.model' does not exist"),
+    "unknown optimizer": ({"optim.name": "sgdd"}, "Unknown optim.name 'sgdd'"),
+    "unknown schedule": ({"optim.schedule": "cosin"}, "Unknown optim.schedule 'cosin'"),
+    "unknown remat policy": ({"model.remat_policy": "some"}, "model.remat_policy='some'"),
+    "unknown activation": ({"model.activation": "relu6"}, "model.activation='relu6'"),
+    "unknown family": ({"model.family": "encoder"}, "model.family='encoder' is not supported"),
+    "d_model not divisible by heads": ({"model.d_model": 30}, "model.d_model=30 is not divisible"),
+    "heads not divisible by kv heads": ({"model.num_kv_heads": 3},
+                                        "model.num_heads=8 is not divisible by model.num_kv_heads=3"),
+    # Config against the devices.
+    "mesh needs more devices": ({"mesh.shape": (16, 1, 1)}, "needs 16 devices but 8 are available"),
+    "mesh with two -1": ({"mesh.shape": (-1, -1, 1)}, "has more than one -1"),
+    "mesh with a zero": ({"mesh.shape": (0, 1, 8)}, "has an entry that is not positive"),
+    "mesh with three axes only": ({"mesh.shape": (8, 1)}, "must have 3 entries"),
+    "heads not divisible by tensor": ({"model.num_heads": 4, "model.num_kv_heads": 4,
+                                       "mesh.shape": (1, 1, 8)},
+                                      "model.num_heads=4 is not divisible by the tensor axis (8)"),
+    "batch not divisible by devices": ({"batch_size": 12}, "batch_size=12 (per micro-batch 12) is "
+                                                           "not divisible by the 8 data-parallel"),
+    "batch not divisible by microbatches": ({"microbatches": 3}, "not divisible by microbatches=3"),
+    "sequence longer than learned positions": ({"model.position": "learned", "seq_len": 128},
+                                               "seq_len=128 exceeds model.max_len=64"),
+    # Data.
+    "text glob matches nothing": ({"data.name": "text", "data.files": "/nonexistent/*.txt"},
+                                  "/nonexistent/*.txt"),
+    "TFDS dataset not prepared": ({"data.name": "no_such_dataset"},
+                                  "TFDS dataset 'no_such_dataset' (split 'train') is not prepared"),
+    "tokenizer larger than the vocabulary": ({"model.vocab_size": 100},
+                                             "has 512 pieces but model.vocab_size is 100"),
+    # Config against the workdir's checkpoint.
+    "model differs from the checkpoint": ({"model.d_model": 64},
+                                          "model.d_model=32 there but 64 now"),
+}
+
+
+@pytest.mark.parametrize("name", ROWS)
+def test_bad_input(tokenizer_path, trained_workdir, no_compile, name):
+    overrides, message = ROWS[name]
+    check_refused(config_with(tokenizer_path, overrides), trained_workdir, message)
+
+
+def test_tokenizer_file_that_is_not_sentencepiece(tokenizer_path, trained_workdir, no_compile,
+                                                   tmp_path):
+    bad = tmp_path / "spm.model"
+    bad.write_bytes(b"not a model")
+    check_refused(config_with(tokenizer_path, {"data.tokenizer": str(bad)}), trained_workdir,
+                  "is not a SentencePiece model")
+
+
+def test_workdir_that_is_a_file(tokenizer_path, no_compile, tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        main_lib.run(config_with(tokenizer_path, {}), str(path))
+    assert path.read_text() == "x"
+
+
+def test_all_checkpoints_damaged(tokenizer_path, trained_workdir, no_compile, tmp_path):
+    workdir = tmp_path / "damaged"
+    shutil.copytree(trained_workdir, workdir)
+    for victim in (workdir / "checkpoints/2/state").rglob("*"):
+        if victim.is_file():
+            victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    check_refused(config_with(tokenizer_path, {}), workdir,
+                  "no usable checkpoint in")
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]  # still there
+
+
+def test_fewer_documents_than_processes(tokenizer_path, tmp_path):
+    """Needs two processes to reach through main; the pipeline's own check, called as process 0
+    of 2 over a corpus of two files (one of which is held out for evaluation)."""
+    for i in range(2):
+        (tmp_path / f"doc{i}.txt").write_text(f"document {i}\n" * 50)
+    config = config_with(tokenizer_path, {"data.name": "text", "data.files": f"{tmp_path}/*.txt",
+                                          "data.data_dir": str(tmp_path / "tfds")})
+    tokenizer = data_lib.Tokenizer.load(tokenizer_path)
+    with pytest.raises(ValueError, match=r"fewer than the 2 processes"):
+        data_lib.make_train_iterator(config.data, tokenizer, seq_len=32, batch_size=8, seed=0,
+                                     process_index=0, process_count=2)
