@@ -78,13 +78,23 @@ class NonFiniteGuard:
                 "--config.nonfinite=skip to skip such steps.")
 
 
+# Model keys that change how the step computes, not which parameters exist: a resumed or
+# fine-tuning run may change them (e.g. bfloat16 compute, remat, dropout for fine-tuning).
+COMPUTE_ONLY_KEYS = ("dtype", "remat_policy", "dropout_rate", "attention")
+
+
 def check_same_model(saved: dict, config, where) -> None:
     """Refuses to restore a checkpoint into a differently shaped model (one line, before Orbax
-    fails deep inside with a shape error). Batch, length, optimizer and data may change."""
+    fails deep inside with a shape error). Batch, length, optimizer, data and the compute-only
+    model keys may change. A key the saved config lacks (it predates the key) counts as its default."""
+    from llmjax.config import base_config
+    defaults = base_config().model.to_dict()
     current = json.loads(json.dumps(config.model.to_dict()))
-    changed = sorted(k for k in current if saved.get("model", {}).get(k) != current[k])
+    saved_model = json.loads(json.dumps({**defaults, **saved.get("model", {})}))
+    changed = sorted(k for k in current
+                     if k not in COMPUTE_ONLY_KEYS and saved_model.get(k) != current[k])
     if changed:
-        diffs = ", ".join(f"model.{k}={saved['model'].get(k)!r} there but {current[k]!r} now"
+        diffs = ", ".join(f"model.{k}={saved_model.get(k)!r} there but {current[k]!r} now"
                           for k in changed)
         raise ValueError(f"the checkpoint {where} was trained with a different model ({diffs}); "
                          "use the original config or a new --workdir.")

@@ -153,3 +153,15 @@ def test_cli_relative_workdir_resumes_and_samples(tokenizer_path, tmp_path):
     assert "resumed from step 2" in second.stdout
     assert "step 4/4" in second.stdout and "sample:" in second.stdout
     assert sorted(os.listdir(tmp_path / "runs/rel/checkpoints")) == ["2", "4"]
+
+
+def test_model_check_allows_compute_keys_and_older_configs():
+    from llmjax.train import check_same_model
+    config = tiny_config()
+    saved = {"model": {k: v for k, v in config.model.to_dict().items()
+                       if k not in ("num_decoder_layers", "type_vocab_size")}}  # an older run's keys
+    saved["model"].update(dtype="bfloat16", remat_policy="full", dropout_rate=0.1)
+    check_same_model(saved, config, "here")  # compute-only changes and missing keys pass
+    saved["model"]["d_model"] = 64
+    with pytest.raises(ValueError, match=r"model.d_model=64 there but 32 now"):
+        check_same_model(saved, config, "here")
