@@ -2,7 +2,6 @@
 padding independence, loss only on scored positions, 8 devices = 1 device, config errors."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

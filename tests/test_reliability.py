@@ -9,10 +9,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest

@@ -21,7 +21,6 @@ encoder.layer.N (stacked on a leading axis), pooler ~ pooler.dense, mlm_* ~ cls.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
