@@ -145,13 +145,20 @@ def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, *, causal: boo
     return mask[:, None, None]
 
 
-def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_key=None):
-    """Grouped-query attention. q: [b, t, heads, d]; k, v: [b, s, kv_heads, d]; mask broadcastable
-    to [b, kv_heads, groups, t, s]. Logits and softmax in float32."""
+def dot_product_attention(q, k, v, mask, bias=None, *, scale=True, dropout_rate=0.0,
+                          dropout_key=None):
+    """Multi-head and grouped-query attention. q: [b, t, heads, d]; k, v: [b, s, kv_heads, d];
+    mask (boolean) and bias (additive, e.g. T5's relative positions) broadcastable to
+    [b, kv_heads, groups, t, s]. Logits and softmax in float32. T5 does not scale the queries (its
+    init absorbs head_dim**-0.5): `scale=False`."""
     b, t, n, d = q.shape
     kv = k.shape[2]
-    q = q.reshape(b, t, kv, n // kv, d) * (1.0 / math.sqrt(d))
+    q = q.reshape(b, t, kv, n // kv, d)
+    if scale:
+        q = q * (1.0 / math.sqrt(d))
     logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias
     # A finite fill keeps fully masked (padding) rows finite; their outputs are never scored.
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
@@ -302,43 +309,24 @@ class RelativePositionBias(nnx.Module):
         return bias.transpose(0, 3, 1, 2)
 
 
-def biased_attention(q, k, v, mask, bias=None, *, scale: bool, dropout_rate=0.0, dropout_key=None):
-    """Multi-head attention with an optional additive bias. q: [b, t, h, d]; k, v: [b, s, h, d];
-    mask: boolean, broadcastable to [b, h, t, s]; bias: float, broadcastable likewise. T5 does not
-    scale the queries (its init absorbs head_dim**-0.5): `scale=False`."""
-    if scale:
-        q = q * (1.0 / math.sqrt(q.shape[-1]))
-    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-    if bias is not None:
-        logits = logits + bias
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = dropout(probs, dropout_rate, dropout_key).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", probs, v)
-
-
-class MultiHeadAttention(nnx.Module):
-    """Self-attention (`context` None) or cross-attention (keys and values from `context`), with
-    the parameter layout of `Attention` (query, key, value, out)."""
+class MultiHeadAttention(Attention):
+    """Self-attention (`context` None) or cross-attention (keys and values from `context`) with an
+    optional additive bias; `Attention`'s parameters (query, key, value, out), where the encoder
+    families validate num_kv_heads == num_heads."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, out_std: float, dtype, param_dtype):
-        d, n, hd = cfg.d_model, cfg.num_heads, cfg.head_dim
-        kw = dict(use_bias=cfg.use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                  init_std=cfg.init_std)
-        self.query = Linear((d,), (n, hd), ("embed", "heads", "head_dim"), **kw)
-        self.key = Linear((d,), (n, hd), ("embed", "heads", "head_dim"), **kw)
-        self.value = Linear((d,), (n, hd), ("embed", "heads", "head_dim"), **kw)
-        kw["init_std"] = out_std
-        self.out = Linear((n, hd), (d,), ("heads", "head_dim", "embed"), **kw)
-        self.scale, self.dropout_rate = cfg.scale_attention, cfg.dropout_rate
+        super().__init__(cfg, rngs=rngs, out_std=out_std, dtype=dtype, param_dtype=param_dtype)
+        self.scale = cfg.scale_attention
 
     def __call__(self, x, mask, bias=None, context=None, dropout_key=None):
         kv = x if context is None else context
         names = ("act_batch", "act_length", "act_heads", "act_head_dim")
         q = constrain(self.query(x), names)
         k, v = constrain(self.key(kv), names), constrain(self.value(kv), names)
-        out = biased_attention(q, k, v, mask, bias, scale=self.scale,
-                               dropout_rate=self.dropout_rate, dropout_key=dropout_key)
+        # mask [b, 1, t, s] and bias [b, heads, t, s] gain the group axis (one query per kv head).
+        out = dot_product_attention(q, k, v, mask[:, :, None],
+                                    None if bias is None else bias[:, :, None], scale=self.scale,
+                                    dropout_rate=self.dropout_rate, dropout_key=dropout_key)
         return self.out(out)
 
 
