@@ -111,6 +111,13 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
     return (ce * weights).sum(), weights.sum(), (correct * weights).sum()
 
 
+def update_count(opt_state, step):
+    """The updates the optimizer has applied, which is where its schedule stands: `step` less the
+    skipped non-finite steps. Read from optax's own `count`; `step` when the state has none."""
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    return found[0][1] if found else step
+
+
 @dataclasses.dataclass
 class Built:
     model_cfg: ModelConfig
@@ -242,7 +249,7 @@ def build(config, mesh) -> Built:
         new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
                      "opt_state": keep(opt_state, state["opt_state"])}
         metrics = {"loss": loss, "accuracy": correct / denom,
-                   "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
+                   "grad_norm": grad_norm, "learning_rate": schedule(update_count(state["opt_state"], state["step"])),
                    "loss_tokens": count,  # target tokens the loss scored (padding excluded)
                    "nonfinite": 1 - finite.astype(jnp.int32)}  # 1: this step's update was skipped
         return new_state, metrics

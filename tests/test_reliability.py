@@ -109,6 +109,9 @@ def test_nonfinite_step_is_a_no_op(devices):
         assert int(m["nonfinite"]) == 0 and np.isfinite(float(m["loss"]))
         direct, m_direct = built.train_step(built.init(), put(good))
         assert float(m["loss"]) == float(m_direct["loss"])
+        # The skipped step did not move the schedule: the good step ran at the first step's rate.
+        assert float(m["learning_rate"]) == float(m_direct["learning_rate"])
+        assert float(m_direct["learning_rate"]) != float(built.schedule(1))
         jax.tree.map(np.testing.assert_array_equal,
                      jax.device_get((state["params"], state["opt_state"])),
                      jax.device_get((direct["params"], direct["opt_state"])))
