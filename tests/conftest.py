@@ -16,3 +16,13 @@ jax.config.update("jax_threefry_partitionable", True)
 def devices():
     assert jax.device_count() == 8, "tests expect 8 fake CPU devices (XLA_FLAGS set too late?)"
     return jax.devices()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    """One small tokenizer (512 pieces, the embedded corpus) for the loop tests of every module:
+    training one per module would dominate their time."""
+    from llmjax import data as data_lib
+    from tests.helpers import tiny_config
+    workdir = tmp_path_factory.mktemp("tokenizer")
+    return data_lib.load_or_train_tokenizer(tiny_config().data, 512, str(workdir)).path

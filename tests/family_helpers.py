@@ -11,6 +11,7 @@ from llmjax import steps
 
 from llmjax.config import base_config
 from llmjax.models import ModelConfig, build_model, presets
+from tests.helpers import apply_overrides
 
 CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
 TINY = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=32,
@@ -76,13 +77,7 @@ def tiny_train_config(style, **overrides):
     c.data.objective = "mlm" if m["family"] == "encoder" else "span_corruption"
     c.data.num_sentinels = 8
     c.sample.max_new_tokens = 0
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return apply_overrides(c, overrides)
 
 
 def synthetic_batch(config, shapes, seed=0):

@@ -5,6 +5,17 @@ import numpy as np
 from llmjax.config import base_config
 
 
+def apply_overrides(c, overrides):
+    """Sets dotted keys ("optim.learning_rate") of a ConfigDict, as --config.key=value would."""
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
 def tiny_config(style="gpt", **overrides):
     c = base_config()
     c.model.update(vocab_size=128, d_model=32, num_layers=2, num_heads=8, mlp_dim=64, max_len=32)
@@ -14,13 +25,7 @@ def tiny_config(style="gpt", **overrides):
     c.seq_len, c.batch_size, c.total_steps = 16, 16, 4
     c.optim.update(learning_rate=1e-2, warmup_steps=1)
     c.mesh.shape = (1, 1, 1)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return apply_overrides(c, overrides)
 
 
 def synthetic_batches(config, n, seed=0):

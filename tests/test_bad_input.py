@@ -16,25 +16,13 @@ from llmjax import main as main_lib
 from llmjax import steps as steps_lib
 from llmjax.validate import _AT_LEAST
 from tests import reliability_config
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tokenizer")
-    return data_lib.load_or_train_tokenizer(reliability_config.get_config().data, 512,
-                                            str(workdir)).path
+from tests.helpers import apply_overrides
 
 
 def config_with(tokenizer_path, overrides):
     c = reliability_config.get_config()
     c.data.tokenizer = str(tokenizer_path)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return apply_overrides(c, overrides)
 
 
 @pytest.fixture(scope="module")

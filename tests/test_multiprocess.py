@@ -84,10 +84,8 @@ def reference_losses(tokenizer_path, total):
 
 
 @pytest.mark.slow
-def test_two_processes_train_checkpoint_resume(devices, tmp_path):
+def test_two_processes_train_checkpoint_resume(devices, tokenizer_path, tmp_path):
     total = 30
-    tokenizer_path = data_lib.load_or_train_tokenizer(
-        reliability_config.get_config().data, 512, str(tmp_path / "tok")).path
     workdir = tmp_path / "run"
     extra = [f"--config.total_steps={total}", "--config.checkpoint_every_steps=1000"]
     first = launch_pair(workdir, tokenizer_path, extra, preempt_after="step  2/")

@@ -16,11 +16,10 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
-from llmjax import data as data_lib
 from llmjax import sharding, steps
 from llmjax.train import NonFiniteError, train_and_evaluate
 from tests import reliability_config
-from tests.helpers import synthetic_batches, tiny_config
+from tests.helpers import apply_overrides, synthetic_batches, tiny_config
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -41,22 +40,10 @@ def compilation_cache(tmp_path_factory):
     jax_cache.reset_cache()
 
 
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tokenizer")
-    return data_lib.load_or_train_tokenizer(tiny_config().data, 512, str(workdir)).path
-
-
 def loop_config(tokenizer_path, **overrides):
     c = reliability_config.get_config()
     c.data.tokenizer = str(tokenizer_path)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return apply_overrides(c, overrides)
 
 
 def read_metrics(workdir):

@@ -11,19 +11,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from llmjax import data as data_lib
 from llmjax.train import train_and_evaluate
 from tests.helpers import tiny_config
 
 ROOT = pathlib.Path(__file__).parent.parent
-
-
-@pytest.fixture(scope="session")
-def tokenizer_path(tmp_path_factory):
-    """One small tokenizer for every loop test (training one per test would dominate)."""
-    workdir = tmp_path_factory.mktemp("tokenizer")
-    cfg = tiny_config().data
-    return data_lib.load_or_train_tokenizer(cfg, 512, str(workdir)).path
 
 
 def loop_config(tokenizer_path, **overrides):
