@@ -180,6 +180,20 @@ def resolve(path: str) -> tuple[epath.Path, int]:
     return p, steps[-1]
 
 
+def saved_config(path: str) -> tuple[dict, int]:
+    """The resolved config saved with a checkpoint (a workdir, its checkpoints/ or one step's
+    folder; the newest step for the first two) and that step."""
+    directory, step = resolve(path)
+    if not (directory / str(step) / "config").is_dir():
+        raise FileNotFoundError(f"the checkpoint {directory / str(step)} has no saved config; it "
+                                "was not written by llmjax (or by its converters).")
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_handlers={"config": ocp.JsonCheckpointHandler()})
+    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    manager.close()
+    return config, step
+
+
 def restore_params(path: str, abstract_params: Any) -> tuple[Any, dict, int]:
     """Only the parameters (and the saved config) of a checkpoint, for fine-tuning and generation.
 

@@ -91,19 +91,6 @@ def hf_to_llmjax(src: str, workdir: str) -> str:
     return os.path.join(workdir, "checkpoints", "0")
 
 
-def saved_config(path: str) -> dict:
-    """The llmjax config stored with a checkpoint (workdir, checkpoints/ or checkpoints/<step>)."""
-    import orbax.checkpoint as ocp
-
-    from llmjax import checkpoint
-    directory, step = checkpoint.resolve(path)
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                    item_handlers={"config": ocp.JsonCheckpointHandler()})
-    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    manager.close()
-    return config
-
-
 def llmjax_to_hf(src: str, out_dir: str) -> str:
     """Exports an llmjax checkpoint's parameters as a Hugging Face directory."""
     import jax
@@ -114,7 +101,7 @@ def llmjax_to_hf(src: str, out_dir: str) -> str:
     from llmjax.models import ModelConfig
     from llmjax.steps import abstract_model
 
-    config = saved_config(src)
+    config, _ = checkpoint.saved_config(src)
     model_cfg = ModelConfig.from_config(config["model"])
     hf.family_of(model_cfg)  # fail before reading any weights
     _, abstract = abstract_model(model_cfg)

@@ -248,22 +248,11 @@ class Run:
     rules: Any
 
 
-def saved_config(path: str) -> tuple[dict, int]:
-    """The resolved config saved with the newest checkpoint under `path` (and its step)."""
-    from llmjax.checkpoint import resolve
-    directory, step = resolve(path)
-    file = directory / str(step) / "config" / "metadata"
-    if not file.exists():
-        raise FileNotFoundError(f"the checkpoint {directory / str(step)} has no saved config; it "
-                                "was not written by llmjax (or by its converters).")
-    return json.loads(file.read_text()), step
-
-
 def load_run(workdir: str, mesh_shape=(-1, 1, 1)) -> Run:
     import ml_collections
 
     from llmjax import sharding, steps
-    from llmjax.checkpoint import restore_params
+    from llmjax.checkpoint import restore_params, saved_config
     from llmjax.data.tokenizer import Tokenizer
     from llmjax.models import ModelConfig
 

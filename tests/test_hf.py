@@ -18,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from llmjax import convert, sharding, steps  # noqa: E402
+from llmjax import checkpoint, convert, sharding, steps  # noqa: E402
 from llmjax.interop import hf, safetensors_io  # noqa: E402
 
 ATOL = 1e-4
@@ -172,7 +172,7 @@ def test_convert_round_trip_and_training(hf_dirs, tmp_path):
     workdir = tmp_path / "workdir"
     assert convert.convert(str(src), str(workdir)).endswith(os.path.join("checkpoints", "0"))
     assert (workdir / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
-    saved = convert.saved_config(str(workdir))
+    saved, _ = checkpoint.saved_config(str(workdir))
     assert saved["model"]["num_kv_heads"] == 1 and saved["data"]["tokenizer"].endswith(
         "tokenizer.model")
 
@@ -194,7 +194,6 @@ def test_convert_round_trip_and_training(hf_dirs, tmp_path):
     config.mesh.shape = (1, 1, 1)
     config.optim.update(learning_rate=1e-2, warmup_steps=1)
     mesh = sharding.make_mesh(config.mesh.shape, jax.devices()[:1])
-    from llmjax import checkpoint
     from tests.helpers import synthetic_batches
     with sharding.use_mesh(mesh, config.sharding_rules):
         built = steps.build(config, mesh)

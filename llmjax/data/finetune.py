@@ -183,7 +183,7 @@ def restore_init(config, built, state: dict[str, Any]) -> tuple[dict[str, Any], 
     """`state` with its parameters replaced by those of the `init_from` checkpoint (same
     shardings); the fresh optimizer state and step 0 stay. Returns (state, checkpoint step)."""
     from llmjax.checkpoint import resolve, restore_params
-    from llmjax.generate import saved_config
+    from llmjax.checkpoint import saved_config
     from llmjax.train import check_same_model
 
     saved, _ = saved_config(config.init_from)
