@@ -156,3 +156,12 @@ def test_model_check_allows_compute_keys_and_older_configs():
     saved["model"]["d_model"] = 64
     with pytest.raises(ValueError, match=r"model.d_model=64 there but 32 now"):
         check_same_model(saved, config, "here")
+
+
+def test_checkpoint_paths_without_a_checkpoint_or_config_are_one_line_errors(tmp_path):
+    from llmjax.checkpoint import saved_config
+    with pytest.raises(FileNotFoundError, match="no llmjax checkpoint under"):
+        saved_config(str(tmp_path))
+    (tmp_path / "checkpoints" / "3" / "state").mkdir(parents=True)  # a step without its config
+    with pytest.raises(FileNotFoundError, match=r"checkpoints/3 has no saved config"):
+        saved_config(str(tmp_path))
