@@ -106,10 +106,20 @@ def base_config() -> ml_collections.ConfigDict:
     # Used only while the workdir has no checkpoint of its own (a restart resumes as usual).
     c.init_from = ""
     c.optim.freeze = ""  # regex of parameter paths kept frozen, e.g. "embedding$"
-    c.data.task = "lm"  # lm: language modelling on text | sft: JSONL {"prompt", "response"}
+    c.data.task = "lm"  # lm: language modelling on text | sft: JSONL {"prompt", "response"} |
+    # seq2seq: JSONL {"input", "target"} | classification: JSONL {"text", "label"}
     c.data.eval_files = ""  # sft: JSONL file(s) of evaluation examples (train ones: data.files)
     c.data.prompt_key = "prompt"  # sft from a TFDS dataset (data.name): its two text features
     c.data.response_key = "response"
+    # seq2seq (encoder-decoders): JSONL {"input", "target"}; classification (encoders): JSONL
+    # {"text", "label"} (text feature: data.text_key). The JSON keys / TFDS features are
+    # configurable; data.labels lists the label strings in id order (saved with the run's config,
+    # so evaluation and prediction use the same mapping); model.num_labels must equal its length.
+    c.data.input_key = "input"
+    c.data.target_key = "target"
+    c.data.label_key = "label"
+    c.data.labels = ()
+    c.data.target_len = 0  # seq2seq: decoder length (0: seq_len)
 
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor)
     c.sharding_rules = DEFAULT_RULES

@@ -35,8 +35,15 @@ def batch_shapes(config, model_cfg: ModelConfig | None = None) -> dict[str, tupl
     model_cfg = model_cfg or ModelConfig.from_config(config.model)
     shapes = {k: (config.batch_size, config.seq_len) for k in batch_keys(model_cfg)}
     if model_cfg.family == "encoder_decoder":
-        decoder = (config.batch_size, target_length(config.data, config.seq_len))
+        if config.data.get("task", "lm") == "seq2seq":  # fine-tuning: data.target_len (0: seq_len)
+            decoder = (config.batch_size, config.data.get("target_len", 0) or config.seq_len)
+        else:
+            decoder = (config.batch_size, target_length(config.data, config.seq_len))
         shapes.update({k: decoder for k in DECODER_KEYS + ("targets", "weights")})
+    if model_cfg.num_labels:
+        # Sequence classification: one label per row, so one target and one weight (0: an empty
+        # padding row); the loss and accuracy are then per example.
+        shapes.update(targets=(config.batch_size, 1), weights=(config.batch_size, 1))
     return shapes
 
 
@@ -47,7 +54,10 @@ def forward(model, batch: dict, dropout_key=None) -> jax.Array:
                      decoder_tokens=batch["decoder_inputs"],
                      decoder_segment_ids=batch["decoder_segment_ids"],
                      decoder_positions=batch["decoder_positions"])
-    return model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key=dropout_key)
+    logits = model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key=dropout_key)
+    if model.cfg.num_labels:  # [batch, num_labels] -> [batch, 1, num_labels], as targets [batch, 1]
+        logits = logits[:, None, :]
+    return logits
 
 
 def abstract_model(model_cfg: ModelConfig):
@@ -152,11 +162,13 @@ def validate(config, mesh, model_cfg: ModelConfig):
             f"batch_size={config.batch_size} (per micro-batch {config.batch_size // micro}) is not "
             f"divisible by the {dp} data-parallel devices (mesh data x fsdp); set --config.batch_size "
             f"to a multiple of {dp * micro}.")
+    task = config.data.get("task", "lm")
     if model_cfg.family != "decoder":
         from llmjax.data.objectives import ENCODER_DECODER_OBJECTIVES
         objective = config.data.get("objective", "causal_lm")
         wanted = ENCODER_DECODER_OBJECTIVES if model_cfg.family == "encoder_decoder" else ("mlm",)
-        if objective not in wanted:
+        # Fine-tuning tasks bring their own examples; the pretraining objective is not used.
+        if task not in ("seq2seq", "classification") and objective not in wanted:
             raise ValueError(f"model.family={model_cfg.family!r} trains with data.objective in "
                              f"{wanted}, not {objective!r}; set --config.data.objective.")
         if config.get("sample", {}).get("max_new_tokens", 0) > 0:

@@ -64,6 +64,7 @@ def validate_config(config, workdir: str | None = None) -> None:
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
         raise ValueError(f"fault_nonfinite_steps={steps!r} must list step numbers >= 1 (steps "
                          "count from 1), e.g. --config.fault_nonfinite_steps='(5,)'.")
+    _validate_task(config)
     if config.data.tokenizer and not os.path.exists(os.path.expanduser(config.data.tokenizer)) \
             and "://" not in config.data.tokenizer:
         raise FileNotFoundError(f"data.tokenizer={config.data.tokenizer!r} does not exist; give "
@@ -74,6 +75,39 @@ def validate_config(config, workdir: str | None = None) -> None:
             and not os.path.isdir(workdir):
         raise ValueError(f"--workdir={workdir} is a file, not a directory; give a directory "
                          "(it is created if missing).")
+
+
+# data.task -> the model family it trains (data/finetune.py reads its examples).
+TASK_FAMILIES = {"lm": None, "sft": "decoder", "seq2seq": "encoder_decoder",
+                 "classification": "encoder"}
+
+
+def _validate_task(config) -> None:
+    task = config.data.get("task", "lm")
+    family = config.model.get("family", "decoder")
+    num_labels = config.model.get("num_labels", 0)
+    if task not in TASK_FAMILIES:
+        raise ValueError(f"data.task={task!r} is not one of {tuple(TASK_FAMILIES)}.")
+    if num_labels and family != "encoder":
+        raise ValueError(f"model.num_labels={num_labels} adds a classification head to an encoder "
+                         f"(BERT, RoBERTa), not to model.family={family!r}; set model.num_labels=0.")
+    wanted = TASK_FAMILIES[task]
+    if wanted and family != wanted:
+        raise ValueError(f"data.task={task!r} fine-tunes model.family={wanted!r}, not {family!r}; "
+                         "use a config of that family or another data.task.")
+    labels = tuple(config.data.get("labels", ()))
+    if task == "classification":
+        if not labels:
+            raise ValueError("data.task='classification' needs the label list: set data.labels, "
+                             "e.g. --config.data.labels='(\"neg\", \"pos\")'.")
+        if len(set(labels)) != len(labels) or not all(isinstance(x, str) for x in labels):
+            raise ValueError(f"data.labels={labels!r} must be distinct strings.")
+        if num_labels != len(labels):
+            raise ValueError(f"model.num_labels={num_labels} but data.labels has {len(labels)} "
+                             f"labels; set --config.model.num_labels={len(labels)}.")
+    elif num_labels:
+        raise ValueError(f"model.num_labels={num_labels} (a classification head) needs "
+                         f"data.task='classification', not {task!r}; set model.num_labels=0.")
 
 
 def _check_tokenizer_file(path: str) -> None:

@@ -11,8 +11,24 @@ Rows are padded to `seq_len` (segment 0); a longer example loses the start of it
 if the response alone is too long, the response's end). The batches have the pretraining pipeline's format, so the same train and
 eval steps run on them.
 
+With `data.task = "seq2seq"` (T5, BART), the lines are `{"input": ..., "target": ...}` and each
+example becomes one encoder-decoder row (the batch keys of `steps.batch_keys`):
+    inputs = encode(input) + [eos]  (padded to seq_len; a longer input loses its end),
+    targets = encode(target) + [eos],  decoder_inputs = [bos] + encode(target)  (padded to
+    data.target_len, 0: seq_len; a longer target loses its end but keeps the eos),
+    weights = 1 on every target token and the eos, segment ids 1 (0 on padding), positions 0...
+With `data.task = "classification"` (BERT, RoBERTa with `model.num_labels`), the lines are
+`{"text": ..., "label": ...}`; labels are strings, mapped to ids by their index in `data.labels`
+(saved with the run's config; a label not in it is an error naming the file and line):
+    inputs = [bos] + encode(text) + [eos]  (the bos is the [CLS] token the head reads; a longer
+    text loses its end), targets = [[label id]], weights = [[1]]  (0 for an empty padding row),
+so the loss and the accuracy are per example. The JSON keys (and TFDS features) are
+`data.input_key` / `data.target_key` and `data.text_key` / `data.label_key`.
+
 `init_from`: `restore_init(config, built, state)` replaces a freshly initialised state's
-parameters with a checkpoint's (the optimizer state stays fresh, the step stays 0).
+parameters with a checkpoint's (the optimizer state stays fresh, the step stays 0). A
+classification model started from a masked-LM checkpoint takes its backbone (embeddings,
+layers, pooler) and keeps its new head's fresh initialisation; the MLM head stays on disk.
 """
 
 from __future__ import annotations
@@ -29,10 +45,22 @@ import numpy as np
 from llmjax.data import pipeline
 
 SFT_FIELDS = ("prompt", "response")
+# data.task -> (the example's fields, the config keys naming their JSON keys / TFDS features).
+TASK_FIELDS = {"sft": (SFT_FIELDS, ("prompt_key", "response_key")),
+               "seq2seq": (("input", "target"), ("input_key", "target_key")),
+               "classification": (("text", "label"), ("text_key", "label_key"))}
 
 
-def read_jsonl(files: str, fields=SFT_FIELDS) -> list[dict[str, str]]:
-    """The examples in `files` (paths or globs, comma-separated), each checked for `fields`."""
+def _unknown_label(where: str, label: str, labels) -> ValueError:
+    return ValueError(f"{where}: label {label!r} is not in data.labels {list(labels)}; add it "
+                      "there (and raise model.num_labels) or fix the example.")
+
+
+def read_jsonl(files: str, fields=SFT_FIELDS, keys=None, labels=None) -> list[dict[str, str]]:
+    """The examples in `files` (paths or globs, comma-separated), each checked for `fields`
+    (read from the JSON keys `keys`, default the field names). With `labels`, the second field
+    must be one of them."""
+    keys = tuple(keys or fields)
     paths = []
     for pattern in filter(None, (p.strip() for p in files.split(","))):
         hits = sorted(glob.glob(os.path.expanduser(pattern)))
@@ -54,11 +82,14 @@ def read_jsonl(files: str, fields=SFT_FIELDS) -> list[dict[str, str]]:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be "
                                      "one JSON object.") from None
-                missing = [k for k in fields if not isinstance(record, dict) or k not in record]
+                missing = [k for k in keys if not isinstance(record, dict) or k not in record]
                 if missing:
                     raise ValueError(f"{path}:{number}: missing field {missing[0]!r}; each line must "
-                                     f"be a JSON object with the fields {list(fields)}.")
-                examples.append({k: str(record[k]) for k in fields})
+                                     f"be a JSON object with the fields {list(keys)}.")
+                example = {f: str(record[k]) for f, k in zip(fields, keys)}
+                if labels is not None and example[fields[1]] not in labels:
+                    raise _unknown_label(f"{path}:{number}", example[fields[1]], labels)
+                examples.append(example)
     if not examples:
         raise ValueError(f"the JSONL files {paths} hold no examples.")
     return examples
@@ -89,49 +120,107 @@ class SftRow(grain.transforms.Map):
         return {**row, "segment_ids": segment_ids, "positions": positions, "weights": weights}
 
 
+class Seq2SeqRow(grain.transforms.Map):
+    """{"input", "target"} -> one padded encoder-decoder row scored on the target (and its eos)."""
+
+    def __init__(self, tokenizer, seq_len: int, target_len: int):
+        self.tokenizer, self.seq_len, self.target_len = tokenizer, seq_len, target_len
+
+    def map(self, example: dict[str, str]) -> dict[str, np.ndarray]:
+        from llmjax.data.objectives import _encoder_decoder_example
+        tok = self.tokenizer
+        # Too long: the input and the target lose their ends; both keep their eos.
+        inputs = tok.encode(example["input"])[:self.seq_len - 1] + [tok.eos_id]
+        targets = tok.encode(example["target"])[:self.target_len - 1] + [tok.eos_id]
+        return _encoder_decoder_example(np.asarray(inputs, np.int32), np.asarray(targets, np.int32),
+                                        seq_len=self.seq_len, target_len=self.target_len,
+                                        start_id=tok.bos_id)
+
+
+class ClassificationRow(grain.transforms.Map):
+    """{"text", "label"} -> [bos] + text + [eos] (padded) and the label's id as a [1] target."""
+
+    def __init__(self, tokenizer, seq_len: int, labels):
+        self.tokenizer, self.seq_len = tokenizer, seq_len
+        self.ids = {label: i for i, label in enumerate(labels)}
+
+    def map(self, example: dict[str, str]) -> dict[str, np.ndarray]:
+        tok = self.tokenizer
+        # Too long: the text loses its end (the first token, which the head reads, stays).
+        tokens = [tok.bos_id] + tok.encode(example["text"])[:max(0, self.seq_len - 2)] + [tok.eos_id]
+        tokens = tokens[:self.seq_len]
+        n = len(tokens)
+        inputs = np.zeros(self.seq_len, np.int32)
+        inputs[:n] = tokens
+        segment_ids = (np.arange(self.seq_len) < n).astype(np.int32)
+        return {"inputs": inputs, "segment_ids": segment_ids,
+                "positions": np.where(segment_ids > 0, np.arange(self.seq_len), 0).astype(np.int32),
+                "targets": np.asarray([self.ids[example["label"]]], np.int32),
+                "weights": np.ones(1, np.int32)}
+
+
+def row_maker(data_cfg, tokenizer, seq_len: int) -> grain.transforms.Map:
+    """The transformation from an example of `data.task` to one row of the model's batch."""
+    task = data_cfg.get("task", "sft")
+    if task == "seq2seq":
+        return Seq2SeqRow(tokenizer, seq_len, int(data_cfg.get("target_len", 0)) or seq_len)
+    if task == "classification":
+        return ClassificationRow(tokenizer, seq_len, tuple(data_cfg.get("labels", ())))
+    return SftRow(tokenizer, seq_len)
+
+
 def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def load_examples(data_cfg, split: str) -> list[dict[str, str]]:
-    """The {"prompt", "response"} examples of `split` ("train" or "validation"): a shipped task's
-    (built on first use), the configured JSONL files, or a TFDS dataset prepared as array_record
-    (`data.name`, its splits `data.split_train` / `data.split_eval`, its features
-    `data.prompt_key` / `data.response_key`)."""
+    """The examples of `split` ("train" or "validation") for `data.task` (sft: {"prompt",
+    "response"}, seq2seq: {"input", "target"}, classification: {"text", "label"}): a shipped
+    task's (built on first use), the configured JSONL files, or a TFDS dataset prepared as
+    array_record (`data.name`, its splits `data.split_train` / `data.split_eval`, its features
+    named by the task's keys, e.g. `data.prompt_key` / `data.response_key`)."""
     from llmjax.data import corpus, tasks
+    fields, key_names = TASK_FIELDS.get(data_cfg.get("task", "sft"), TASK_FIELDS["sft"])
+    keys = tuple(data_cfg.get(k, f) for k, f in zip(key_names, fields))
+    labels = (tuple(data_cfg.get("labels", ())) if data_cfg.get("task") == "classification"
+              else None)
     name = data_cfg.get("name", "")
     if name in tasks.TASKS:
-        return read_jsonl(tasks.build(data_cfg)[split])
+        return read_jsonl(tasks.build(data_cfg)[split], fields, labels=labels)
     files = data_cfg.get("files", "") if split == "train" else data_cfg.get("eval_files", "")
     if files or name in corpus.LOCAL_CORPORA or not name:
-        return read_jsonl(files)
+        return read_jsonl(files, fields, keys, labels)
     tfds_split = data_cfg.get("split_train" if split == "train" else "split_eval", split)
     source = corpus.load_split(data_cfg, tfds_split)
-    keys = data_cfg.get("prompt_key", "prompt"), data_cfg.get("response_key", "response")
     examples = []
     for i in range(len(source)):
         record = source.record(i)
         missing = [k for k in keys if k not in record]
         if missing:
             raise ValueError(f"TFDS dataset {name!r} ({tfds_split}) example {i} has no feature "
-                             f"{missing[0]!r} (it has {sorted(record)}); set data.prompt_key and "
-                             "data.response_key.")
-        examples.append({field: (record[k].decode("utf-8", errors="replace")
-                                 if isinstance(record[k], bytes) else str(record[k]))
-                         for field, k in zip(SFT_FIELDS, keys)})
+                             f"{missing[0]!r} (it has {sorted(record)}); set data.{key_names[0]} "
+                             f"and data.{key_names[1]}.")
+        example = {field: (record[k].decode("utf-8", errors="replace")
+                           if isinstance(record[k], bytes) else str(record[k]))
+                   for field, k in zip(fields, keys)}
+        if labels is not None and example[fields[1]] not in labels:
+            raise _unknown_label(f"TFDS dataset {name!r} ({tfds_split}) example {i}",
+                                 example[fields[1]], labels)
+        examples.append(example)
     return examples
 
 
 def make_train_iterator(data_cfg, tokenizer, *, seq_len: int, batch_size: int, seed: int,
                         process_index=None, process_count=None, workdir=None):
-    """Endless, shuffled (a new order every epoch), checkpointable batches of SFT rows."""
+    """Endless, shuffled (a new order every epoch), checkpointable batches of `data.task` rows."""
     del workdir
     process_index, process_count = pipeline._process(process_index, process_count)
     rows = pipeline._rows_per_process(batch_size, process_count)
     examples = load_examples(data_cfg, "train")
     ds = grain.MapDataset.source(examples)
     ds = pipeline._shard(ds, process_index, process_count, "train", strict=True)
-    ds = ds.shuffle(seed).repeat().map(SftRow(tokenizer, seq_len)).batch(rows, drop_remainder=True)
+    ds = ds.shuffle(seed).repeat().map(row_maker(data_cfg, tokenizer, seq_len))
+    ds = ds.batch(rows, drop_remainder=True)
     return iter(ds.to_iter_dataset())
 
 
@@ -143,7 +232,7 @@ def make_eval_batches(data_cfg, tokenizer, *, seq_len: int, batch_size: int, num
     rows = pipeline._rows_per_process(batch_size, process_count)
     examples = load_examples(data_cfg, "validation")[:num_batches * batch_size]
     mine = examples[process_index::process_count]
-    to_row = SftRow(tokenizer, seq_len)
+    to_row = row_maker(data_cfg, tokenizer, seq_len)
     out = [to_row.map(e) for e in mine]
     empty = {k: np.zeros_like(v) for k, v in out[0].items()}
     # Every process must run the same number of eval steps.
@@ -157,9 +246,9 @@ def pipeline_for(data_cfg) -> tuple[Callable, Callable]:
     task = data_cfg.get("task", "lm")
     if task == "lm":
         return pipeline.make_train_iterator, pipeline.make_eval_batches
-    if task == "sft":
+    if task in TASK_FIELDS:
         return make_train_iterator, make_eval_batches
-    raise ValueError(f"data.task={task!r} is not one of 'lm', 'sft'.")
+    raise ValueError(f"data.task={task!r} is not one of {('lm', *TASK_FIELDS)}.")
 
 
 def adopt_tokenizer(config, workdir: str) -> None:
@@ -188,6 +277,10 @@ def restore_init(config, built, state: dict[str, Any]) -> tuple[dict[str, Any], 
 
     saved, _ = saved_config(config.init_from)
     directory, step = resolve(config.init_from)
-    check_same_model(saved, config, f"{directory / str(step)} (init_from)")
-    params, _, step = restore_params(config.init_from, built.abstract_state["params"])
-    return {**state, "params": params}, step
+    check_same_model(saved, config, f"{directory / str(step)} (init_from)", fine_tuning=True)
+    target = built.abstract_state["params"]
+    new_head = config.model.get("num_labels", 0) and not saved.get("model", {}).get("num_labels", 0)
+    if new_head:  # a classifier from a checkpoint without one: its head stays freshly initialised
+        target = {k: v for k, v in target.items() if k != "classifier"}
+    params, _, step = restore_params(config.init_from, target)
+    return {**state, "params": {**state["params"], **params}}, step

@@ -9,7 +9,17 @@ on it (configs/sft_stdlib_modules.py) is a classification task in generation for
 that matters is the exact match of the greedy answer, which `python -m llmjax.data.tasks
 --workdir=DIR` prints next to the majority-class baseline.
 
-The JSONL files are built once into DATA_DIR/llmjax_tasks/<task>-<python>-v<N>/.
+The same examples (same splits) are also written as classification JSONL
+{"text": <paragraph>, "label": "asyncio"} for encoders (configs/classify_stdlib_modules.py, the
+labels are `MODULES`) and as seq2seq JSONL {"input": <paragraph>, "target": "asyncio"} for
+encoder-decoders (configs/seq2seq_stdlib_modules.py); `data.task` picks the form. For those
+two, `python -m llmjax.data.tasks --workdir=DIR` prints the majority-class baseline next to the
+accuracy (classification) or the exact match of the greedy answer computed by teacher forcing
+(seq2seq: the answer is right when every target token is the argmax, which is exactly when
+greedy decoding would produce it).
+
+The JSONL files are built once into DATA_DIR/llmjax_tasks/<task>-<python>-v<N>/: train.jsonl and
+validation.jsonl (sft), classification_<split>.jsonl, seq2seq_<split>.jsonl.
 """
 
 from __future__ import annotations
@@ -35,8 +45,30 @@ def _unit_hash(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2.0**64
 
 
-def stdlib_module_examples(modules=MODULES, per_class: int = PER_CLASS) -> dict[str, list[dict]]:
-    """{"train": [...], "validation": [...]} examples for `modules`, deterministic."""
+# data.task -> how an example (docstring paragraph, package) is written, and its file prefix.
+FORMS = {
+    "sft": (lambda text, module: {"prompt": f"Docstring: {text}\nModule:", "response": f" {module}"},
+            ""),
+    "classification": (lambda text, module: {"text": text, "label": module}, "classification_"),
+    "seq2seq": (lambda text, module: {"input": text, "target": module}, "seq2seq_"),
+}
+
+
+def stdlib_module_examples(modules=MODULES, per_class: int = PER_CLASS,
+                           form: str = "sft") -> dict[str, list[dict]]:
+    """{"train": [...], "validation": [...]} examples for `modules`, deterministic; `form` is a
+    key of FORMS (the splits are the same for every form)."""
+    return _write(_labelled_paragraphs(modules, per_class), form)
+
+
+def _write(labelled: dict[str, list[tuple[str, str]]], form: str) -> dict[str, list[dict]]:
+    write = FORMS[form][0]
+    return {split: [write(text, module) for text, module in pairs]
+            for split, pairs in labelled.items()}
+
+
+def _labelled_paragraphs(modules, per_class: int) -> dict[str, list[tuple[str, str]]]:
+    """{"train": [(paragraph, package), ...], "validation": [...]}."""
     by_module = collections.defaultdict(list)
     for doc in documents.stdlib_documents():
         top = doc.path.split("/")[0].removesuffix(".py")
@@ -58,29 +90,34 @@ def stdlib_module_examples(modules=MODULES, per_class: int = PER_CLASS) -> dict[
         # Sorting by a hash spreads the kept examples over the whole package.
         kept = sorted(by_module[module], key=lambda e: _unit_hash(e[0]))[:per_class]
         for name, paragraph in sorted(kept):
-            example = {"prompt": f"Docstring: {paragraph}\nModule:", "response": f" {module}"}
+            example = (paragraph, module)
             split = "validation" if _unit_hash("split:" + name) < VALIDATION_FRACTION else "train"
             splits[split].append(example)
     return splits
 
 
 def build(data_cfg) -> dict[str, str]:
-    """Writes the task's JSONL files (once) and returns {"train": path, "validation": path}."""
+    """Writes the task's JSONL files (once, every form) and returns {"train": path,
+    "validation": path} of the form `data.task` reads (sft for any task not in FORMS)."""
     from llmjax.data.corpus import resolve_data_dir
     name = data_cfg.get("name", "")
     if name not in TASKS:
         raise ValueError(f"data.name={name!r} is not a shipped task; choose one of {TASKS}.")
     tag = f"py{sys.version_info.major}{sys.version_info.minor}"
     directory = os.path.join(resolve_data_dir(data_cfg), "llmjax_tasks", f"{name}-{tag}-v{_VERSION}")
-    paths = {s: os.path.join(directory, f"{s}.jsonl") for s in ("train", "validation")}
-    if not all(os.path.exists(p) for p in paths.values()):
+    paths = {form: {s: os.path.join(directory, f"{prefix}{s}.jsonl") for s in ("train", "validation")}
+             for form, (_, prefix) in FORMS.items()}
+    if not all(os.path.exists(p) for split in paths.values() for p in split.values()):
         os.makedirs(directory, exist_ok=True)
-        for split, examples in stdlib_module_examples().items():
-            tmp = f"{paths[split]}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(e) + "\n" for e in examples)
-            os.replace(tmp, paths[split])  # atomic: a reader never sees half a file
-    return paths
+        labelled = _labelled_paragraphs(MODULES, PER_CLASS)
+        for form in FORMS:
+            for split, examples in _write(labelled, form).items():
+                tmp = f"{paths[form][split]}.tmp{os.getpid()}"
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(e) + "\n" for e in examples)
+                os.replace(tmp, paths[form][split])  # atomic: a reader never sees half a file
+    task = data_cfg.get("task", "sft")
+    return paths[task if task in FORMS else "sft"]
 
 
 def majority_accuracy(train: list[dict], validation: list[dict]) -> float:

@@ -46,6 +46,7 @@ class ModelConfig:
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model)
     scale_attention: bool = True  # queries * head_dim**-0.5 (T5 folds it into the init: False)
     pooler: bool = False  # encoder: BERT's tanh pooler over the first token
+    num_labels: int = 0  # encoder: > 0 adds a sequence-classification head (and drops the MLM head)
     final_logits_bias: bool = False  # encoder_decoder: BART's bias on the output logits
     scale_decoder_output: bool = False  # encoder_decoder, tied head: x * d_model**-0.5 (T5)
 
@@ -97,7 +98,7 @@ class ModelConfig:
         fam = self.family
         own = {  # key: the families that may set it away from its default
             "num_decoder_layers": ("encoder_decoder",), "type_vocab_size": ("encoder",),
-            "pooler": ("encoder",), "final_logits_bias": ("encoder_decoder",),
+            "pooler": ("encoder",), "num_labels": ("encoder",), "final_logits_bias": ("encoder_decoder",),
             "scale_decoder_output": ("encoder_decoder",),
             "post_norm": ("encoder", "encoder_decoder"), "position_offset": ("encoder", "encoder_decoder"),
             "scale_attention": ("encoder", "encoder_decoder"),
@@ -115,6 +116,9 @@ class ModelConfig:
                                  f"gelu|swiglu (got {self.position!r}, {self.activation!r}); use "
                                  f"family 'encoder' or 'encoder_decoder' for the others.")
             return
+        if self.num_labels < 0:
+            raise ValueError(f"model.num_labels={self.num_labels} must be >= 0 (0: no "
+                             "classification head).")
         if self.position == "rope":
             raise ValueError(f"model.family={fam!r} takes position 'learned' or 'relative', not 'rope'.")
         if self.num_kv_heads != self.num_heads:

@@ -17,10 +17,18 @@ token table plus an output bias. Parameter names map onto Hugging Face's BertMod
 token_embed ~ word_embeddings, encoder/pos_embed ~ position_embeddings, encoder/type_embed ~
 token_type_embeddings, encoder/embed_norm ~ embeddings.LayerNorm, encoder/layers/* ~
 encoder.layer.N (stacked on a leading axis), pooler ~ pooler.dense, mlm_* ~ cls.predictions.
+
+Sequence classification (`model.num_labels > 0`, as Hugging Face's BertForSequenceClassification):
+    logits = model(tokens, ...)  # float32 [batch, num_labels]
+the first token's hidden state ([CLS]; llmjax rows start with bos) goes through the pooler (when
+`model.pooler`, else it is used as it is), dropout (`model.dropout_rate`), then `classifier`, a
+Linear d_model -> num_labels. The MLM head is not built then: a classifier has no use for it, and
+fine-tuning from an MLM checkpoint (`init_from`) leaves its MLM parameters on disk.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -45,6 +53,11 @@ class Encoder(nnx.Module):
         # two "embed" axes would ask for the same mesh axis twice.
         self.pooler = (L.Linear((cfg.d_model,), (cfg.d_model,), ("embed", "mlp"), use_bias=True,
                                 **dense) if cfg.pooler else None)
+        if cfg.num_labels:
+            # A handful of labels: replicated (None), not split over the tensor axis.
+            self.classifier = L.Linear((cfg.d_model,), (cfg.num_labels,), ("embed", None),
+                                       use_bias=True, **dense)
+            return
         self.mlm_transform = L.Linear((cfg.d_model,), (cfg.d_model,), ("embed", "mlp"),
                                       use_bias=cfg.use_bias, **dense)
         self.mlm_norm = L.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias,
@@ -67,7 +80,18 @@ class Encoder(nnx.Module):
         """BERT's pooled representation: tanh(dense(first token)), for classification heads."""
         return jnp.tanh(self.pooler(hidden[:, 0]))
 
+    def classify(self, tokens, segment_ids=None, positions=None, dropout_key=None,
+                 token_types=None):
+        """Class logits, float32 [batch, num_labels], from the pooled first token."""
+        keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
+        hidden = self.encode(tokens, segment_ids, positions, keys[0], token_types)
+        pooled = self.pool(hidden) if self.pooler is not None else hidden[:, 0]
+        pooled = L.dropout(pooled, self.cfg.dropout_rate, keys[1])
+        return self.classifier(pooled).astype(jnp.float32)
+
     def __call__(self, tokens, segment_ids=None, positions=None, dropout_key=None, token_types=None):
+        if self.cfg.num_labels:
+            return self.classify(tokens, segment_ids, positions, dropout_key, token_types)
         x = self.encode(tokens, segment_ids, positions, dropout_key, token_types)
         act = L.MLP_ACTIVATIONS[self.cfg.activation][0]
         x = self.mlm_norm(act(self.mlm_transform(x)))
