@@ -283,10 +283,10 @@ def synthetic_task(root, n_train=160, n_eval=48):
     return files, records, majority
 
 
-LOOP = {"total_steps": 30, "batch_size": 16, "seq_len": 16, "eval_every_steps": 30,
-        "eval_steps": 3, "log_every_steps": 10, "checkpoint_every_steps": 30,
-        "optim.learning_rate": 3e-3, "optim.warmup_steps": 3, "model.vocab_size": 512,
-        "model.dropout_rate": 0.0}
+LOOP = {"total_steps": 40, "batch_size": 16, "seq_len": 16, "eval_every_steps": 40,
+        "eval_steps": 3, "log_every_steps": 10, "checkpoint_every_steps": 40,
+        "optim.learning_rate": 1e-2, "optim.warmup_steps": 3, "model.vocab_size": 512,
+        "model.dropout_rate": 0.0, "mesh.shape": (-1, 1, 1)}
 
 
 @pytest.mark.slow
@@ -300,20 +300,45 @@ def test_classification_run_beats_majority(tmp_path, tokenizer_path):
     assert "accuracy" in last and np.isfinite(last["eval_loss"])
 
 
+# Short targets (one piece each in the test tokenizer): a from-scratch decoder learns to spell
+# them within the few steps a test can afford.
+TARGETS = {"neg": "def", "pos": "return", "odd": "None"}
+
+
+def majority_token_accuracy(tokenizer, train, evaluation):
+    """Token accuracy (targets + eos) of always answering the most common training target."""
+    common = max(set(e["target"] for e in train), key=[e["target"] for e in train].count)
+    guess = tokenizer.encode(common) + [tokenizer.eos_id]
+    right = total = 0
+    for e in evaluation:
+        want = tokenizer.encode(e["target"]) + [tokenizer.eos_id]
+        right += sum(a == b for a, b in zip(guess, want))
+        total += len(want)
+    return right / total
+
+
 @pytest.mark.slow
-def test_seq2seq_run_learns_the_label(tmp_path, tokenizer_path):
+def test_seq2seq_run_beats_majority(tmp_path, tokenizer_path):
+    from llmjax.data.tokenizer import Tokenizer
     from llmjax.train import train_and_evaluate
-    _, records, majority = synthetic_task(tmp_path)
-    s2s = [{"input": r["text"], "target": r["label"]} for r in records]
+    # Shorter inputs than the classifier's: learning cross-attention from scratch takes longer
+    # than the few steps a test can afford when the keyword hides among filler words.
+    rng = np.random.default_rng(1)
+    s2s = []
+    for _ in range(208):
+        label = rng.choice(LABELS, p=[0.3, 0.5, 0.2])
+        s2s.append({"input": f"{rng.choice(['the', 'a', 'it'])} {rng.choice(WORDS[label])}",
+                    "target": TARGETS[label]})
+    train, evaluation = s2s[:160], s2s[160:]
     files = {s: write_jsonl(tmp_path / f"s2s_{s}.jsonl", part)
-             for s, part in (("train", s2s[:160]), ("eval", s2s[160:]))}
-    config = seq2seq_config(**LOOP, **{"data.files": files["train"], "data.eval_files": files["eval"],
-                                       "data.tokenizer": tokenizer_path, "data.target_len": 4,
-                                       "total_steps": 40, "eval_every_steps": 40})
+             for s, part in (("train", train), ("eval", evaluation))}
+    config = fh.tiny_train_config("bart", **{
+        **LOOP, "data.task": "seq2seq", "data.files": files["train"], "data.eval_files": files["eval"],
+        "data.tokenizer": tokenizer_path, "data.target_len": 4, "total_steps": 100,
+        "eval_every_steps": 100, "checkpoint_every_steps": 100, "log_every_steps": 50})
     last = train_and_evaluate(config, str(tmp_path / "run"))
-    # Token accuracy on label + eos: a model that only knew the majority label would score at
-    # most about (majority * label tokens + eos) / (label tokens + eos).
-    assert last["eval_accuracy"] > 0.9, (last, majority)
+    majority = majority_token_accuracy(Tokenizer.load(tokenizer_path), train, evaluation)
+    assert last["eval_accuracy"] > majority + 0.1, (last, majority)
 
 
 def test_shipped_task_forms_share_the_splits():
