@@ -298,6 +298,12 @@ def test_classification_run_beats_majority(tmp_path, tokenizer_path):
     last = train_and_evaluate(config, str(tmp_path / "run"))
     assert last["eval_accuracy"] > majority + 0.2, (last, majority)
     assert "accuracy" in last and np.isfinite(last["eval_loss"])
+    # The saved run predicts the same: its config carries the label list.
+    from llmjax.generate import load_run
+    run = load_run(str(tmp_path / "run"))
+    assert tuple(run.config.data.labels) == LABELS
+    assert tasks.teacher_forced_accuracy(run, run.config.data) == pytest.approx(
+        last["eval_accuracy"])
 
 
 # Short targets (one piece each in the test tokenizer): a from-scratch decoder learns to spell
@@ -339,6 +345,9 @@ def test_seq2seq_run_beats_majority(tmp_path, tokenizer_path):
     last = train_and_evaluate(config, str(tmp_path / "run"))
     majority = majority_token_accuracy(Tokenizer.load(tokenizer_path), train, evaluation)
     assert last["eval_accuracy"] > majority + 0.1, (last, majority)
+    from llmjax.generate import load_run
+    exact = tasks.teacher_forced_accuracy(load_run(str(tmp_path / "run")), config.data)
+    assert exact > tasks.majority_accuracy(train, evaluation, "target") + 0.2
 
 
 def test_shipped_task_forms_share_the_splits():
