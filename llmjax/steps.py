@@ -108,8 +108,10 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int, target_len: int | None
             d_model=model_cfg.d_model, encoder_layers=model_cfg.num_layers,
             decoder_layers=model_cfg.decoder_layers, num_heads=model_cfg.num_heads,
             head_dim=model_cfg.head_dim, inputs_length=seq_len, targets_length=target_len or seq_len)
+    # A classifier has no output projection over the vocabulary (its head, once per sequence,
+    # is in non_embedding_params).
     return fpt(non_embedding_params=count_params(model_cfg)["non_embedding_params"],
-               vocab_size=model_cfg.vocab_size, d_model=model_cfg.d_model,
+               vocab_size=0 if model_cfg.num_labels else model_cfg.vocab_size, d_model=model_cfg.d_model,
                num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
                head_dim=model_cfg.head_dim, seq_len=seq_len)
 

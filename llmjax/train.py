@@ -134,7 +134,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ----------------------------------------------------------------------------------------
     # Data: tokenizer (trained on first use, cached in the workdir), train iterator, eval batches.
     finetune.adopt_tokenizer(config, workdir)  # init_from: the pretrained run's tokenizer
-    tokenizer = data_lib.load_or_train_tokenizer(config.data, model_cfg.vocab_size, workdir)
+    tokenizer = data_lib.load_or_train_tokenizer(finetune.tokenizer_data(config.data),
+                                                 model_cfg.vocab_size, workdir)
     data_lib.check_vocab(tokenizer, model_cfg.vocab_size)
     data_kw = dict(seq_len=config.seq_len, batch_size=config.batch_size,
                    process_index=jax.process_index(), process_count=jax.process_count())

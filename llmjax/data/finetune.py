@@ -251,6 +251,18 @@ def pipeline_for(data_cfg) -> tuple[Callable, Callable]:
     raise ValueError(f"data.task={task!r} is not one of {('lm', *TASK_FIELDS)}.")
 
 
+def tokenizer_data(data_cfg):
+    """The data section a new tokenizer is trained from: for a shipped task (`data.name`), the
+    corpus it is made from (the standard library), so a run from scratch needs no data.tokenizer."""
+    from llmjax.data import tasks
+    if data_cfg.get("name", "") not in tasks.TASKS:
+        return data_cfg
+    source = data_cfg.copy_and_resolve_references()
+    with source.unlocked():
+        source.name = "stdlib"
+    return source
+
+
 def adopt_tokenizer(config, workdir: str) -> None:
     """Copies the `init_from` run's tokenizer.model into `workdir` (when no data.tokenizer is set
     and the workdir has none): the fine-tuned model must read text exactly as it was pretrained
