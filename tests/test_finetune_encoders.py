@@ -360,3 +360,7 @@ def test_shipped_task_forms_share_the_splits():
         assert [f"Docstring: {e['text']}\nModule:" for e in cls[split]] == [
             e["prompt"] for e in sft[split]]
         assert [e["text"] for e in cls[split]] == [e["input"] for e in s2s[split]]
+    # A run from scratch on a shipped task trains its tokenizer on the task's source corpus.
+    data = classify_config(**{"data.name": "stdlib_modules"}).data
+    assert finetune.tokenizer_data(data).name == "stdlib" and data.name == "stdlib_modules"
+    assert finetune.tokenizer_data(classify_config().data).name == "stdlib"  # the default corpus

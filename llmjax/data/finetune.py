@@ -69,7 +69,7 @@ def read_jsonl(files: str, fields=SFT_FIELDS, keys=None, labels=None) -> list[di
                                     "data.eval_files.")
         paths += hits
     if not paths:
-        raise ValueError("data.task='sft' needs JSONL files: set data.files (train) and "
+        raise ValueError("a fine-tuning data.task needs JSONL files: set data.files (train) and "
                          "data.eval_files (evaluation), or data.name to a shipped task.")
     examples = []
     for path in paths:
