@@ -216,9 +216,9 @@ def save(state, config, path, step=1):
 
 
 def test_init_from_mlm_checkpoint_loads_backbone_and_creates_head(devices, tmp_path):
-    pre = fh.tiny_train_config("bert")
-    built, state, mesh = build(pre, devices)
-    state, _ = run_steps(built, state, mesh, pre, [fh.synthetic_batch(pre, steps.batch_shapes(pre))])
+    # Another seed than the fine-tuning run's: a fresh backbone then differs from the checkpoint.
+    pre = fh.tiny_train_config("bert", seed=1)
+    _, state, _ = build(pre, devices)  # (random weights are as good as trained ones here)
     save(state, pre, tmp_path / "mlm", step=3)
     pretrained = jax.device_get(state["params"])
 
@@ -230,6 +230,8 @@ def test_init_from_mlm_checkpoint_loads_backbone_and_creates_head(devices, tmp_p
     params = jax.device_get(restored["params"])
     for key in ("token_embed", "encoder", "pooler"):  # the backbone, exactly
         jax.tree.map(np.testing.assert_array_equal, params[key], pretrained[key])
+    assert not np.array_equal(jax.device_get(fresh["params"]["pooler"]["kernel"]),
+                              pretrained["pooler"]["kernel"])
     # The head: new, as freshly initialised (not in the checkpoint); the MLM head: dropped.
     jax.tree.map(np.testing.assert_array_equal, params["classifier"],
                  jax.device_get(fresh["params"]["classifier"]))
