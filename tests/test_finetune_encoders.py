@@ -366,3 +366,56 @@ def test_shipped_task_forms_share_the_splits():
     data = classify_config(**{"data.name": "stdlib_modules"}).data
     assert finetune.tokenizer_data(data).name == "stdlib" and data.name == "stdlib_modules"
     assert finetune.tokenizer_data(classify_config().data).name == "stdlib"  # the default corpus
+
+
+@pytest.mark.parametrize("name, arg", [("classify_stdlib_modules", "runlocal"),
+                                       ("classify_stdlib_modules", "runlocal,roberta"),
+                                       ("classify_stdlib_modules", None),
+                                       ("seq2seq_stdlib_modules", "runlocal"),
+                                       ("seq2seq_stdlib_modules", "runlocal,bart")])
+def test_shipped_configs_are_valid(name, arg):
+    config = fh.load_config(name, arg)
+    validate_config(config)
+    model_cfg = steps.ModelConfig.from_config(config.model)
+    shapes = steps.batch_shapes(config, model_cfg)
+    if name.startswith("classify"):
+        assert model_cfg.num_labels == len(config.data.labels) == 8
+        assert shapes["targets"] == (config.batch_size, 1)
+    else:
+        assert shapes["targets"] == (config.batch_size, config.data.target_len)
+    # The model section equals its pretraining config's, so init_from accepts that run.
+    from llmjax.train import check_same_model
+    pre = {"classify_stdlib_modules": "bert_base", "seq2seq_stdlib_modules": "t5_small"}[name]
+    if arg and "roberta" in arg:
+        pre = "roberta_base"
+    if arg and "bart" in arg:
+        pre = "bart_base"
+    check_same_model(fh.load_config(pre, "runlocal" if arg else None).to_dict(), config, "pre",
+                     fine_tuning=True)
+
+
+def test_fine_tuning_from_a_prepared_tfds_dataset(tmp_path):
+    """The catalog path (as for SFT): a TFDS dataset prepared as array_record, read by name, its
+    features named by the task's keys (here a text corpus: features `path` and `text`)."""
+    from llmjax.data import corpus
+    for i in range(6):
+        (tmp_path / f"doc{i}.txt").write_text(f"body {i % 2}")
+    text = fh.tiny_train_config("bert", **{"data.name": "text", "data.files": str(tmp_path / "*.txt"),
+                                            "data.data_dir": str(tmp_path / "tfds"),
+                                            "data.validation_fraction": 0.3}).data
+    builder = corpus.prepare(text)
+    name = f"{builder.name}/{builder.builder_config.name}"
+    s2s = seq2seq_config(**{"data.data_dir": str(tmp_path / "tfds"), "data.name": name,
+                            "data.input_key": "path", "data.target_key": "text"}).data
+    examples = finetune.load_examples(s2s, "train") + finetune.load_examples(s2s, "validation")
+    assert len(examples) == 6  # input "docN.txt", target "body N % 2"
+    assert all(e["target"] == f"body {int(e['input'][3]) % 2}" for e in examples), examples
+    cls = classify_config(**{"data.data_dir": str(tmp_path / "tfds"), "data.name": name,
+                             "data.text_key": "path", "data.label_key": "text",
+                             "data.labels": ("body 0", "body 1"), "model.num_labels": 2}).data
+    labelled = finetune.load_examples(cls, "train") + finetune.load_examples(cls, "validation")
+    assert sorted(e["label"] for e in labelled) == ["body 0"] * 3 + ["body 1"] * 3
+    with cls.unlocked():
+        cls.labels = ("body 0",)
+    with pytest.raises(ValueError, match=r"example \d+: label 'body 1' is not in data.labels"):
+        finetune.load_examples(cls, "train") + finetune.load_examples(cls, "validation")
