@@ -198,7 +198,9 @@ def classification_batches(config, n):
 
 @pytest.mark.parametrize("kind", ["classification", "seq2seq"])
 def test_eight_devices_equal_one(devices, kind):
-    make = classify_config if kind == "classification" else seq2seq_config
+    make = classify_config if kind == "classification" else (
+        lambda **kw: fh.tiny_train_config("bart", **{"data.task": "seq2seq", "data.target_len": 8,
+                                                     **kw}))
     one = make(**{"model.dropout_rate": 0.1})
     batches = (classification_batches(one, 2) if kind == "classification"
                else [fh.synthetic_batch(one, steps.batch_shapes(one), seed=i) for i in range(2)])
