@@ -118,6 +118,10 @@ def base_config() -> ml_collections.ConfigDict:
                                               top_k=40))  # temperature 0: greedy
     c.sample.top_p = 1.0  # nucleus sampling: keep the fewest tokens whose probability reaches it
     c.sample.seed = 0  # the same seed gives the same sample
+    # Encoder-decoders: num_beams > 1 decodes by beam search, ranking finished outputs of n tokens
+    # by logprob / ((5 + n) / 6) ** length_penalty (0: total log-probability; llmjax/beam_search.py).
+    c.sample.num_beams = 1
+    c.sample.length_penalty = 0.6
     return c
 
 
