@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -16,27 +17,28 @@ from flax import nnx
 from llmjax import beam_search as bs
 from llmjax import sharding, steps
 from llmjax.fill_mask import fill_mask
+from llmjax.models import ModelConfig
 from tests.family_helpers import tiny_train_config
 
 
 @functools.lru_cache(maxsize=None)
 def make(style, mesh_shape=(1, 1, 1)):
     """(built, params, mesh, rules) of a tiny model (vocabulary 512, the CLI tokenizer's), shared
-    by the tests. N(0, 0.3) noise on every parameter sharpens the logits: the small init gives
-    nearly flat ones (the same token every step). The same values on every mesh."""
+    by the tests; `built` has the graphdef and model_cfg. The parameters are N(0, 0.3) (norm scales
+    1 + N(0, 0.3)), the same values on every mesh, drawn without compiling an init: the usual
+    small init gives nearly flat logits (the same token every step)."""
     config = tiny_train_config(style, **{"model.vocab_size": 512})
-    devices = jax.devices()[:int(np.prod(mesh_shape))]
-    mesh = sharding.make_mesh(mesh_shape, devices)
+    model_cfg = ModelConfig.from_config(config.model)
+    graphdef, abstract = steps.abstract_model(model_cfg)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map_with_path(
+        lambda path, a: (rng.normal(0, 0.3, a.shape) + (path[-1].key == "scale"))
+        .astype(np.float32), nnx.to_pure_dict(abstract))
+    mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
     rules = sharding.rules_from_config(config.sharding_rules)
-    with sharding.use_mesh(mesh, config.sharding_rules):
-        built = steps.build(config, mesh)
-        params = built.init()["params"]
-        rng = np.random.default_rng(0)
-        shardings = jax.tree.map(lambda a: a.sharding, params)
-        params = jax.device_put(jax.tree.map(
-            lambda a: np.asarray(a) + rng.normal(0, 0.3, a.shape).astype(np.float32), params),
-            shardings)
-    return built, params, mesh, rules
+    with nnx.logical_axis_rules(rules):
+        params = jax.device_put(params, sharding.param_shardings(abstract, mesh, rules))
+    return types.SimpleNamespace(graphdef=graphdef, model_cfg=model_cfg), params, mesh, rules
 
 
 def encoder_batch(rng, lengths, width=12):
