@@ -388,3 +388,24 @@ def test_cli_fill_mask(saved_runs):
     assert many.stderr.strip() == ("error: text 0 has no <mask>; put <mask> where a token should "
                                    "be predicted, e.g. 'import <mask>'.")
     one_line_error(cli(run, "--prompt=import numpy"), "error: text 0 has no <mask>")
+
+
+def test_end_of_run_sample_for_each_family(saved_runs):
+    """train.py's closing sample (generate.sample_text): an encoder-decoder decodes sample.prompt,
+    an encoder fills a <mask> appended to it."""
+    from llmjax.config import base_config
+    from llmjax.data.tokenizer import Tokenizer
+    from llmjax.generate import sample_text
+    tokenizer = Tokenizer.load(saved_runs["t5"] / "tokenizer.model")
+    sample = base_config().sample
+    sample.update(max_new_tokens=5, temperature=0.0, top_k=3)
+    built, params, _, _ = make("t5")
+    text, = sample_text(built.graphdef, built.model_cfg, params, tokenizer, sample,
+                        objective="span_corruption")
+    gen = bs.Seq2SeqGenerator(built.graphdef, built.model_cfg)
+    ids = gen.generate(params, [tokenizer.encode("def") + [tokenizer.eos_id]], max_new_tokens=5,
+                       start_id=tokenizer.bos_id, eos_id=tokenizer.eos_id).tokens[0]
+    assert text == tokenizer.decode(ids)
+    built, params, _, _ = make("bert")
+    lines, = sample_text(built.graphdef, built.model_cfg, params, tokenizer, sample)
+    assert lines.startswith("<mask> 1: ") and len(lines.split(", ")) == 3
