@@ -9,6 +9,12 @@
 The run's saved config (in its newest checkpoint), its tokenizer (WORKDIR/tokenizer.model or the
 config's data.tokenizer) and the newest checkpoint's parameters are used.
 
+The command dispatches on the run's model.family: a decoder continues the prompt (below); an
+encoder-decoder decodes a target from it as its encoder input, greedily, by sampling, or by beam
+search with --config.sample.num_beams=4 --config.sample.length_penalty=0.6 (llmjax/beam_search.py);
+an encoder lists the --config.sample.top_k likeliest tokens of each <mask> in it
+(llmjax/fill_mask.py).
+
 Decoding: the prompts are laid out in one [batch, prompt_len] array (left-padded by default, so
 every row's last prompt token is in the same column; right padding works too), each row with its
 own positions (0 at its first real token). One jitted prefill writes the prompts into a KV cache of
