@@ -397,7 +397,7 @@ class TransformerBlock(nnx.Module):
 
     def _decode_step(self, x, mask, bias, cross_mask, cache):
         k, v, index, cross_k, cross_v = cache
-        kv = {}
+        kv = {}  # `_residual` takes a function of one array: the updated cache comes out here
 
         def attn(h):
             out, kv["self"] = self.attn(h, mask, bias, cache=(k, v, index))
