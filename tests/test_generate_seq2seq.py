@@ -70,7 +70,7 @@ def cached_logits(built, params, tokens, segments, positions, decoder, prefill):
         out, cache = step(params, cache, decoder[:, lo:hi], pos)
         outs.append(out)
     assert int(cache["index"]) == t
-    return np.asarray(jnp.concatenate(outs, axis=1))
+    return np.asarray(jnp.concatenate(outs, axis=1)), cache
 
 
 # Shared by the cache and search tests on the 1-device and 8-device meshes (one compilation).
@@ -88,17 +88,21 @@ def test_cache_gives_the_full_forward_logits_on_1_and_8_devices(devices, style):
     built, params, _, _ = make(style)
     full = np.asarray(jax.jit(lambda p, *a: nnx.merge(built.graphdef, p)(*a[:3], decoder_tokens=a[3]))(
         params, tokens, segments, positions, decoder))
-    cached = cached_logits(built, params, tokens, segments, positions, decoder, 3)
+    cached, _ = cached_logits(built, params, tokens, segments, positions, decoder, 3)
     np.testing.assert_allclose(cached, full, atol=1e-4, rtol=1e-4)
     built8, params8, mesh, rules = make(style, (2, 2, 2))
     assert params8["encoder"]["layers"]["attn"]["query"]["kernel"].sharding.spec != \
         jax.sharding.PartitionSpec()
     with sharding.use_mesh(mesh, rules):
-        cached8 = cached_logits(built8, params8, tokens, segments, positions, decoder, 1)
+        cached8, cache8 = cached_logits(built8, params8, tokens, segments, positions, decoder, 1)
         if style == "t5":  # the generator's sharded caches, beams included, as on one device
             g8 = bs.Seq2SeqGenerator(built8.graphdef, built8.model_cfg)
             greedy8 = g8.generate(params8, INPUTS, **dict(BEAM, num_beams=1))
             beams8 = g8.generate(params8, INPUTS, **BEAM)
+    # The caches are sharded like activations: batch over (data, fsdp), heads over tensor.
+    for name in ("k", "v", "cross_k", "cross_v"):
+        spec = cache8[name].sharding.spec
+        assert tuple(spec[1]) == ("data", "fsdp") and spec[3] == "tensor", (name, spec)
     # Sharded reductions add in another order: float32 rounding of logits of size ~3.
     np.testing.assert_allclose(cached8, full, atol=5e-4, rtol=1e-4)
     if style == "t5":
