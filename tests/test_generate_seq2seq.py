@@ -287,6 +287,14 @@ def test_bad_seq2seq_input(devices):
         g.generate(params, [[4]], num_beams=0, **kw)
     with pytest.raises(ValueError, match="needs model.family='encoder_decoder'"):
         bs.Seq2SeqGenerator(make("bert")[0].graphdef, make("bert")[0].model_cfg)
+    from llmjax.validate import validate_config
+    for key, value, message in (("num_beams", 0, "sample.num_beams=0 must be an integer >= 1"),
+                                ("length_penalty", float("nan"),
+                                 "sample.length_penalty=nan must be a finite number")):
+        config = tiny_train_config("t5", **{f"sample.{key}": value})
+        with pytest.raises(ValueError, match=f"^{message}") as e:
+            validate_config(config)
+        assert "\n" not in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------------
