@@ -121,19 +121,21 @@ def _bert_tensors(m: ModelConfig, head: str) -> list[Tensor]:
                        if head == "cls." else ("dense", "layer_norm"))
     rows += _dense(head + transform, d, d, ("mlm_transform",))
     rows += _layernorm(head + norm, d, ("mlm_norm",))
-    bias = head + ("predictions.bias" if head == "cls." else "bias")
-    rows.append(Tensor(bias, (v,), (("mlm_bias",),)))
+    # The output layer is `decoder` (a Linear with bias); a tied model ties decoder.bias to the
+    # head's `bias`, an untied one uses decoder.bias and leaves `bias` unused.
+    out = head + ("predictions." if head == "cls." else "")
+    rows.append(Tensor(out + ("bias" if m.tie_embeddings else "decoder.bias"), (v,), (("mlm_bias",),)))
     if not m.tie_embeddings:
-        decoder = head + ("predictions.decoder.weight" if head == "cls." else "decoder.weight")
-        rows.append(Tensor(decoder, (v, d), (("lm_head", "kernel"),), "linear"))
+        rows.append(Tensor(out + "decoder.weight", (v, d), (("lm_head", "kernel"),), "linear"))
     return rows
 
 
 _BERT_IGNORED = ("embeddings.position_ids", "embeddings.token_type_ids",
-                 # BertForPreTraining's next-sentence head and the MLM decoder's bias (a copy of
-                 # cls.predictions.bias) hold nothing the MLM model uses.
+                 # BertForPreTraining's next-sentence head, and the output bias the model does not
+                 # use (tied: decoder.bias copies bias; untied: bias is unused).
                  "cls.seq_relationship.weight", "cls.seq_relationship.bias",
-                 "predictions.decoder.bias", "lm_head.decoder.bias")
+                 "predictions.decoder.bias", "lm_head.decoder.bias", "cls.predictions.bias",
+                 "lm_head.bias")
 
 BERT = Family(
     model_type="bert", architecture="BertForMaskedLM",
