@@ -346,7 +346,7 @@ def _train(workdir, run, corpus, tmp_path, *extra):
 
 
 @pytest.mark.slow
-def test_converted_t5_and_bert_continue_training(hf_dirs, tmp_path):
+def test_converted_t5_and_bert_continue_training(tmp_path):
     """python -m llmjax.main --config=<converted>/config.py continues T5's span corruption (with
     Hugging Face's tokenizer and sentinels) and BERT's masked LM from the converted weights."""
     corpus = tmp_path / "corpus"
@@ -371,3 +371,6 @@ def test_converted_t5_and_bert_continue_training(hf_dirs, tmp_path):
         losses = [m["loss"] for m in metrics if "loss" in m]
         assert len(losses) >= 2 and all(np.isfinite(losses)), metrics
         assert any("eval_loss" in m for m in metrics)
+        # T5 trains with the carried spiece.model; BERT's WordPiece stayed behind, so the run
+        # trained a SentencePiece tokenizer of its own.
+        assert (run / "tokenizer.model").exists() == (name == "bert")
