@@ -374,3 +374,20 @@ def test_converted_t5_and_bert_continue_training(tmp_path):
         # T5 trains with the carried spiece.model; BERT's WordPiece stayed behind, so the run
         # trained a SentencePiece tokenizer of its own.
         assert (run / "tokenizer.model").exists() == (name == "bert")
+
+
+def test_sharded_import_matches_one_device(hf_dirs, devices):
+    """Inside sharding.use_mesh, load places each stack's parameters by our rules; same logits."""
+    from llmjax import sharding
+    batch = _batch()
+    one, _ = hf.load(hf_dirs["t5_v1_1"])
+    expected = hf.logits(one, *batch)
+    mesh = sharding.make_mesh((2, 2, 2), devices)
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        model, _ = hf.load(hf_dirs["t5_v1_1"])
+        kernel = model.decoder.layers.cross_attn.query.kernel[...]
+        # [layers, embed, heads, head_dim]: embed over fsdp, heads over tensor.
+        assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+        got = hf.logits(model, *batch)
+    # Sharded contractions sum in another order: float32 rounding at logits up to ~20.
+    np.testing.assert_allclose(got, expected, atol=5e-5, rtol=0)
