@@ -213,6 +213,17 @@ def _rewrite(src, dst, edit_tensors=None, edit_config=None):
     return dst
 
 
+def test_legacy_layernorm_names(hf_dirs, tmp_path):
+    """BERT files converted from the original TensorFlow checkpoints say gamma/beta."""
+    def rename(tensors):
+        for n in [n for n in tensors if "LayerNorm." in n]:
+            tensors[n.replace(".weight", ".gamma").replace(".bias", ".beta")] = tensors.pop(n)
+    old = _rewrite(hf_dirs["bert"], tmp_path / "old", edit_tensors=rename)
+    batch = _batch()
+    new, _ = hf.load(hf_dirs["bert"])
+    np.testing.assert_array_equal(hf.logits(hf.load(old)[0], *batch[:2]), hf.logits(new, *batch[:2]))
+
+
 def test_bad_inputs(hf_dirs, tmp_path):
     dense = "bert.encoder.layer.1.output.dense.weight"
     missing = _rewrite(hf_dirs["bert"], tmp_path / "missing", edit_tensors=lambda t: t.pop(dense))

@@ -345,8 +345,9 @@ def load(path: str | os.PathLike):
 
     def lookup(name: str) -> str:
         for prefix in family.prefixes:
-            if prefix + name in files:
-                return prefix + name
+            for candidate in (name,) + _legacy_names(name):
+                if prefix + candidate in files:
+                    return prefix + candidate
         raise ValueError(f"tensor {_hf_name(family, name)!r} is missing from {path}; the "
                          f"checkpoint does not match its {CONFIG_FILE} ({family.model_type}, "
                          f"tie_word_embeddings={model_cfg.tie_embeddings}) or is not a "
@@ -386,6 +387,14 @@ def load(path: str | os.PathLike):
     params = _place(params, abstract)
     nnx.replace_by_pure_dict(abstract, params)
     return nnx.merge(graphdef, abstract), full_config(model_cfg, family)
+
+
+def _legacy_names(name: str) -> tuple[str, ...]:
+    """Older files (BERT's original conversion) name LayerNorm parameters gamma and beta;
+    transformers renames them on load, and so do we."""
+    if "LayerNorm." in name and name.endswith((".weight", ".bias")):
+        return (name.rsplit(".", 1)[0] + (".gamma" if name.endswith(".weight") else ".beta"),)
+    return ()
 
 
 def _hf_name(family: Family, name: str) -> str:
