@@ -213,6 +213,23 @@ def _rewrite(src, dst, edit_tensors=None, edit_config=None):
     return dst
 
 
+def test_t5_untied_head_with_scaled_output(hf_dirs, tmp_path):
+    """transformers 5 unties a T5 head the file carries and still scales the decoder output
+    (scale_decoder_outputs): ours holds that factor in the head's weights, both ways."""
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(hf_dirs["t5"])
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(model.shared.weight + 0.3 * torch.randn_like(
+            model.shared.weight))
+    model.save_pretrained(tmp_path / "untied")
+    assert json.loads((tmp_path / "untied" / "config.json").read_text())["scale_decoder_outputs"]
+    batch = _batch()
+    ref = _hf_logits(str(tmp_path / "untied"), "t5", batch)
+    ours, config = hf.load(tmp_path / "untied")
+    assert (config.model.tie_embeddings, config.model.scale_decoder_output) == (False, True)
+    _close(hf.logits(ours, *batch), ref, "t5", batch)
+    _close(_hf_logits(hf.save(ours, config, tmp_path / "back"), "t5", batch), ref, "t5", batch)
+
+
 def test_legacy_layernorm_names(hf_dirs, tmp_path):
     """BERT files converted from the original TensorFlow checkpoints say gamma/beta."""
     def rename(tensors):

@@ -58,18 +58,23 @@ class Tensor:
     layout: str = "copy"
     sizes: tuple[int, ...] = ()
     layers: int = 0  # layered rows: layers in this row's stack (0 = model.num_layers)
+    factor: float = 1.0  # ours = factor * theirs (a constant Hugging Face applies that we fold in)
 
     @property
     def layered(self) -> bool:
         return "{i}" in self.hf
 
     def to_ours(self, a: np.ndarray, our_shapes) -> list[np.ndarray]:
+        if self.factor != 1.0:
+            a = a * np.float32(self.factor)
         if self.layout == "linear":
             a = a.T
         parts = np.split(a, np.cumsum(self.sizes)[:-1], axis=-1) if self.sizes else [a]
         return [p.reshape(s) for p, s in zip(parts, our_shapes)]
 
     def to_hf(self, ws: list[np.ndarray]) -> np.ndarray:
+        if self.factor != 1.0:
+            ws = [w / np.float32(self.factor) for w in ws]
         if self.layout == "linear":
             out, inp = self.shape
             return ws[0].reshape(inp, out).T

@@ -242,7 +242,12 @@ def _t5_tensors(m: ModelConfig) -> list[Tensor]:
         rows += _layernorm(f"{blk}{ff}.layer_norm", d, s + ("mlp_norm",), False, layers)
         rows += _layernorm(f"{stack}.final_layer_norm", d, (stack, "final_norm"), False)
     if not m.tie_embeddings:
-        rows.append(Tensor("lm_head.weight", (m.vocab_size, d), (("lm_head", "kernel"),), "linear"))
+        # transformers 5 scales the decoder output by d_model**-0.5 whenever scale_decoder_outputs
+        # is set, also before an untied head; ours scales only a tied head's input, so an untied
+        # head holds the factor in its weights (the head is linear: the same logits).
+        factor = m.d_model ** -0.5 if m.scale_decoder_output else 1.0
+        rows.append(Tensor("lm_head.weight", (m.vocab_size, d), (("lm_head", "kernel"),), "linear",
+                           factor=factor))
     return rows
 
 
