@@ -1,8 +1,8 @@
 """Hugging Face families for the encoder (BERT, RoBERTa) and encoder-decoder (T5, BART) models.
 
 Each is a `Family` of hf.py: config.json <-> our `model` section, and one `Tensor` table between
-Hugging Face's names and ours (models/encoder.py, models/encoder_decoder.py). Imported by hf.py,
-which owns reading and writing; import `llmjax.interop.hf`, not this module.
+Hugging Face's names and ours (models/encoder.py, models/encoder_decoder.py). hf.py lists them
+in its FAMILIES and owns reading and writing.
 
     BertForMaskedLM              bert.embeddings / bert.encoder.layer.N / bert.pooler, cls.predictions
     RobertaForMaskedLM           the same under roberta., the MLM head as lm_head.*
@@ -12,7 +12,7 @@ which owns reading and writing; import `llmjax.interop.hf`, not this module.
 
 from __future__ import annotations
 
-from llmjax.interop.hf import Family, Tensor, _need, _require
+from llmjax.interop.table import Family, Tensor, _need, _require
 from llmjax.models import ModelConfig
 
 
