@@ -158,7 +158,15 @@ def llmjax_to_hf(src: str, out_dir: str) -> str:
         token_ids["decoder_start_token_id"] = token_ids["pad_token_id" if t5_style else "bos_token_id"]
     hf.save(params, model_cfg, out_dir, token_ids=token_ids)
     if tokenizer:
-        shutil.copyfile(tokenizer, os.path.join(out_dir, hf.family_of(model_cfg).sentencepiece))
+        family = hf.family_of(model_cfg)
+        shutil.copyfile(tokenizer, os.path.join(out_dir, family.sentencepiece))
+        if family.model_type == "t5":
+            # T5Tokenizer appends `extra_ids` sentinels after the pieces: as many as span corruption
+            # used at the top, or none when they are pieces of llmjax's own tokenizer.
+            data = config.get("data", {})
+            extra = int(data.get("num_sentinels", T5_EXTRA_IDS)) if data.get("sentinels_at_top") else 0
+            with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+                json.dump({"extra_ids": extra}, f)
     return out_dir
 
 

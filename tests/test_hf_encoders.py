@@ -338,6 +338,8 @@ def test_convert_t5_keeps_hugging_face_sentinels(tmp_path):
     assert (out / "spiece.model").is_file()
     config = json.loads((out / "config.json").read_text())
     assert (config["pad_token_id"], config["eos_token_id"], config["decoder_start_token_id"]) == (0, 1, 0)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)  # offline, from spiece.model
+    assert [hf_tok.convert_tokens_to_ids(f"<extra_id_{i}>") for i in (0, 15)] == [top, top - 15]
     batch = _batch()
     ref = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf").eval()
     got = transformers.AutoModelForSeq2SeqLM.from_pretrained(out).eval()
