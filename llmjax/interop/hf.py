@@ -39,7 +39,7 @@ _FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 _CONVERT_HINT = (
     "convert it once, in an environment you trust, with: python -c \"import transformers as t; "
-    "t.AutoModelForCausalLM.from_pretrained('{d}').save_pretrained('{d}_safetensors')\" and load "
+    "t.{arch}.from_pretrained('{d}').save_pretrained('{d}_safetensors')\" and load "
     "that directory")
 
 
@@ -207,7 +207,7 @@ def read_config(path: str) -> tuple[Family, dict]:
     return FAMILIES[model_type], hf
 
 
-def _weight_files(path: str) -> dict[str, safetensors_io.File]:
+def _weight_files(path: str, architecture: str = "AutoModel") -> dict[str, safetensors_io.File]:
     """tensor name -> the open safetensors file holding it (one file, or shards with an index)."""
     index = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
@@ -224,7 +224,7 @@ def _weight_files(path: str) -> dict[str, safetensors_io.File]:
     if pickles:
         raise ValueError(f"{path} holds only PyTorch pickle weights ({pickles[0]}), which llmjax never "
                          "loads because unpickling can run arbitrary code; "
-                         + _CONVERT_HINT.format(d=path.rstrip("/")) + ".")
+                         + _CONVERT_HINT.format(d=path.rstrip("/"), arch=architecture) + ".")
     raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE} or {INDEX_FILE}; save the model with "
                             "save_pretrained() (safetensors is its default).")
 
@@ -268,7 +268,7 @@ def load(path: str | os.PathLike):
     from llmjax.steps import abstract_model
     path = os.fspath(path)
     family, hf = read_config(path)
-    files = _weight_files(path)
+    files = _weight_files(path, family.architecture)
     model_cfg = model_config(family, hf, files)
     graphdef, abstract = abstract_model(model_cfg)
     shapes = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(abstract))
