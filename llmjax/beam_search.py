@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import re
 from typing import Callable, Sequence
 
 import jax
@@ -296,30 +297,70 @@ class Seq2SeqGenerator:
 # Text in, text out.
 
 
-def encode_input(tokenizer, text: str, objective: str = "span_corruption") -> list[int]:
-    """An encoder input as the model saw them in pretraining: pieces + [eos], after a bos unless
-    the objective is T5's span corruption (objectives.py)."""
+_SENTINEL = re.compile(r"<extra_id_(\d+)>")
+
+
+def _top_sentinels(data_cfg, tokenizer) -> list[int] | None:
+    """With data.sentinels_at_top (a converted T5) the sentinels are ids past the tokenizer's
+    pieces, which it can neither write nor read: they are handled here by name."""
+    from llmjax.data.objectives import sentinel_ids
+    return sentinel_ids(data_cfg, tokenizer) if data_cfg.get("sentinels_at_top", False) else None
+
+
+def encode_input(tokenizer, text: str, data_cfg) -> list[int]:
+    """An encoder input as the model saw them in pretraining (`data_cfg`, the run's data
+    section): pieces + [eos], after a bos unless the objective is T5's span corruption
+    (objectives.py); `<extra_id_N>` in the text is sentinel N."""
     if not text:
         raise ValueError("the input is empty; give at least one character of text to encode.")
-    bos = [tokenizer.bos_id] if objective != "span_corruption" else []
-    return bos + tokenizer.encode(text) + [tokenizer.eos_id]
+    top = _top_sentinels(data_cfg, tokenizer)
+    ids = []
+    for n, part in enumerate(_SENTINEL.split(text) if top else [text]):
+        if n % 2 == 0:
+            ids += tokenizer.encode(part) if part else []
+        elif int(part) < len(top):
+            ids.append(top[int(part)])
+        else:
+            raise ValueError(f"<extra_id_{part}> is past the model's {len(top)} sentinels "
+                             f"(data.num_sentinels); use <extra_id_0> to <extra_id_{len(top) - 1}>.")
+    bos = tokenizer.bos_id
+    start = [bos] if data_cfg.get("objective") != "span_corruption" and bos >= 0 else []
+    return start + ids + [tokenizer.eos_id]
 
 
-def seq2seq_text(graphdef, model_cfg, params, tokenizer, sample_cfg, inputs, *,
-                 objective: str = "span_corruption", mesh=None, rules=None) -> list[str]:
+def decode_output(tokenizer, ids: Sequence[int], data_cfg) -> str:
+    """Text of decoded ids; sentinels past the tokenizer's pieces are written <extra_id_N>."""
+    top = _top_sentinels(data_cfg, tokenizer)
+    if not top:
+        return tokenizer.decode(ids)
+    names = {t: f"<extra_id_{n}>" for n, t in enumerate(top)}
+    out, run = [], []
+    for t in list(ids) + [None]:
+        if t is None or t in names:
+            out.append(tokenizer.decode(run) if run else "")
+            out.append(names.get(t, ""))
+            run = []
+        else:
+            run.append(t)
+    return "".join(out)
+
+
+def seq2seq_text(graphdef, model_cfg, params, tokenizer, sample_cfg, inputs, *, data_cfg,
+                 mesh=None, rules=None) -> list[str]:
     """The decoded target of each input text with the config's sample settings (num_beams > 1:
     beam search with sample.length_penalty; else temperature / top_k / top_p sampling, 0: greedy).
-    The decoder starts from bos, as in training, and stops at eos."""
+    The decoder starts as in training (bos, or pad for T5's conventions) and stops at eos."""
+    from llmjax.data.objectives import decoder_start_id
     gen = Seq2SeqGenerator(graphdef, model_cfg, mesh=mesh, rules=rules)
-    num_beams = sample_cfg.get("num_beams", 1)
     sampling = Sampling(float(sample_cfg.temperature), int(sample_cfg.top_k),
                         float(sample_cfg.get("top_p", 1.0)))
-    ids = [encode_input(tokenizer, t, objective) for t in inputs]
+    ids = [encode_input(tokenizer, t, data_cfg) for t in inputs]
     out = gen.generate(params, ids, max_new_tokens=int(sample_cfg.max_new_tokens),
-                       start_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, sampling=sampling,
-                       seed=int(sample_cfg.get("seed", 0)), num_beams=num_beams,
+                       start_id=decoder_start_id(data_cfg, tokenizer), eos_id=tokenizer.eos_id,
+                       sampling=sampling, seed=int(sample_cfg.get("seed", 0)),
+                       num_beams=sample_cfg.get("num_beams", 1),
                        length_penalty=float(sample_cfg.get("length_penalty", 0.0)))
-    return [tokenizer.decode(t) for t in out.tokens]
+    return [decode_output(tokenizer, t, data_cfg) for t in out.tokens]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -226,18 +226,20 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 
 def sample_text(graphdef, model_cfg, params, tokenizer, sample_cfg, prompts=None, *,
-                objective: str = "span_corruption", mesh=None, rules=None) -> list[str]:
+                data_cfg=None, mesh=None, rules=None) -> list[str]:
     """What the model family does with `prompts` (default: [sample.prompt]) under the config's
     sample settings: a decoder continues each prompt (stopping at the tokenizer's eos); an
-    encoder-decoder decodes a target for each as its encoder input (`objective`, the run's
-    data.objective, says how inputs were tokenized; llmjax/beam_search.py); an encoder lists the
+    encoder-decoder decodes a target for each as its encoder input (`data_cfg`, the run's data
+    section, says how inputs were tokenized and how the decoder starts; llmjax/beam_search.py,
+    default span corruption); an encoder lists the
     top-k candidates of each <mask> (llmjax/fill_mask.py; the default prompt gets a <mask>
     appended when it has none)."""
     if model_cfg.family == "encoder_decoder":
         from llmjax.beam_search import seq2seq_text
         texts = [sample_cfg.prompt] if prompts is None else list(prompts)
+        data_cfg = {"objective": "span_corruption"} if data_cfg is None else data_cfg
         return seq2seq_text(graphdef, model_cfg, params, tokenizer, sample_cfg, texts,
-                            objective=objective, mesh=mesh, rules=rules)
+                            data_cfg=data_cfg, mesh=mesh, rules=rules)
     if model_cfg.family == "encoder":
         from llmjax.data.objectives import MASK_PIECE
         from llmjax.fill_mask import fill_mask_text
@@ -414,7 +416,7 @@ def main(argv):
         from llmjax.validate import check_sample
         check_sample(sample)
         args = (run.graphdef, run.model_cfg, run.params, run.tokenizer, sample)
-        kw = dict(objective=run.config.data.get("objective", "causal_lm"))
+        kw = dict(data_cfg=run.config.data)
         if flags.FLAGS.prompt is not None:
             with _mesh(run):
                 print(sample_text(*args, prompts=[flags.FLAGS.prompt], **kw)[0])

@@ -413,7 +413,7 @@ def test_end_of_run_sample_for_each_family(saved_runs):
     sample.update(max_new_tokens=5, temperature=0.0, top_k=3)
     built, params, _, _ = make("t5")
     text, = sample_text(built.graphdef, built.model_cfg, params, tokenizer, sample,
-                        objective="span_corruption")
+                        data_cfg={"objective": "span_corruption"})
     gen = bs.Seq2SeqGenerator(built.graphdef, built.model_cfg)
     ids = gen.generate(params, [tokenizer.encode("def") + [tokenizer.eos_id]], max_new_tokens=5,
                        start_id=tokenizer.bos_id, eos_id=tokenizer.eos_id).tokens[0]
@@ -421,3 +421,25 @@ def test_end_of_run_sample_for_each_family(saved_runs):
     built, params, _, _ = make("bert")
     lines, = sample_text(built.graphdef, built.model_cfg, params, tokenizer, sample)
     assert lines.startswith("<mask> 1: ") and len(lines.split(", ")) == 3
+
+
+def test_sentinels_at_the_top_are_read_and_written_by_name(saved_runs):
+    """A converted T5 (data.sentinels_at_top): <extra_id_N> in the text is id vocab + count - 1 - N,
+    and such ids decode back to their names; the decoder then starts from pad."""
+    from llmjax.data.objectives import decoder_start_id
+    from llmjax.data.tokenizer import Tokenizer
+    tokenizer = Tokenizer.load(saved_runs["t5"] / "tokenizer.model")
+    data = {"objective": "span_corruption", "sentinels_at_top": True, "num_sentinels": 3}
+    top = tokenizer.vocab_size + 2
+    ids = bs.encode_input(tokenizer, "x = <extra_id_0> + <extra_id_2>", data)
+    assert ids == tokenizer.encode("x = ") + [top] + tokenizer.encode(" + ") + [top - 2,
+                                                                                tokenizer.eos_id]
+    assert bs.decode_output(tokenizer, ids[:-1], data) == "x = <extra_id_0> + <extra_id_2>"
+    assert decoder_start_id(data, tokenizer) == tokenizer.pad_id
+    with pytest.raises(ValueError, match="^<extra_id_3> is past the model's 3 sentinels"):
+        bs.encode_input(tokenizer, "<extra_id_3>", data)
+    # The run's own tokenizer holds the sentinels as pieces: the text goes through it unchanged.
+    own = {"objective": "span_corruption"}
+    assert bs.encode_input(tokenizer, "x <extra_id_0>", own) == tokenizer.encode(
+        "x <extra_id_0>") + [tokenizer.eos_id]
+    assert tokenizer.encode("<extra_id_0>") == [tokenizer.sentinel_ids[0]]
