@@ -443,3 +443,56 @@ def test_sentinels_at_the_top_are_read_and_written_by_name(saved_runs):
     assert bs.encode_input(tokenizer, "x <extra_id_0>", own) == tokenizer.encode(
         "x <extra_id_0>") + [tokenizer.eos_id]
     assert tokenizer.encode("<extra_id_0>") == [tokenizer.sentinel_ids[0]]
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_greedy_and_beam_search_match_transformers_generate(name, tmp_path):
+    """A random tiny Hugging Face model, imported: greedy decoding and beam search (3 beams,
+    length_penalty 0, where Hugging Face's len**alpha and GNMT's penalty agree and both stop when
+    no live beam can win) give transformers' `generate` tokens."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from llmjax.interop import hf
+    torch.manual_seed(0)
+    if name == "t5":
+        # Equal depths: transformers' generate sizes its decoder cache by num_layers.
+        config = transformers.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                       num_heads=4,
+                                       relative_attention_num_buckets=8,
+                                       relative_attention_max_distance=20)
+        model = transformers.T5ForConditionalGeneration(config)
+    else:
+        config = transformers.BartConfig(
+            vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+            decoder_ffn_dim=48, max_position_embeddings=40, forced_bos_token_id=None,
+            forced_eos_token_id=None)
+        model = transformers.BartForConditionalGeneration(config)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():  # BART's LayerNorm biases dominate at 0.5
+            p.add_((0.1 if name == "bart" and "norm" in pname else 0.5) * torch.randn_like(p))
+    model.eval().save_pretrained(tmp_path)
+    ours, _ = hf.load(tmp_path)
+    graphdef, state = nnx.split(ours)
+    params = nnx.to_pure_dict(state)
+    g = bs.Seq2SeqGenerator(graphdef, ours.cfg)
+    rng = np.random.default_rng(5)
+    inputs = [rng.integers(3, 96, n).tolist() for n in (7, 12, 4)]
+    ids = np.full((3, 12), 0 if name == "t5" else 1)
+    mask = np.zeros((3, 12), np.int64)
+    for row, x in enumerate(inputs):
+        ids[row, :len(x)], mask[row, :len(x)] = x, 1
+    # The published conventions: T5 starts from pad (0) and ends at 1; BART starts from eos (2).
+    start, eos, pad = (0, 1, 0) if name == "t5" else (2, 2, 1)
+    steps_ = 8
+    for beams in (1, 3):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                 max_new_tokens=steps_, do_sample=False, num_beams=beams,
+                                 length_penalty=0.0, early_stopping=False,
+                                 decoder_start_token_id=start, eos_token_id=eos,
+                                 pad_token_id=pad).numpy()[:, 1:].tolist()
+        ref = [r[:r.index(eos)] if eos in r else r for r in ref]
+        got = g.generate(params, inputs, max_new_tokens=steps_, start_id=start, eos_id=eos,
+                         num_beams=beams, length_penalty=0.0).tokens
+        assert got == ref, (beams, got, ref)
