@@ -90,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
         noise_density=0.15,  # span_corruption: share of tokens dropped into the targets
         mean_noise_span_length=3.0,
         num_sentinels=100,  # sentinel ids a trained tokenizer reserves (T5: 100 extra ids)
+        # span_corruption: sentinel i is id vocab_size + num_sentinels - 1 - i, past the
+        # tokenizer's pieces (Hugging Face T5's <extra_id_i>), not a piece of its own; the decoder
+        # then starts from pad, as T5's. `python -m llmjax.convert` sets it for a converted T5.
+        sentinels_at_top=False,
         infilling_rate=0.3,  # text_infilling: share of tokens masked, in Poisson-length spans
         poisson_lambda=3.0,
         permute_sentences=0.0,  # text_infilling: share of rows whose lines are shuffled (BART 1.0)
@@ -128,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
                                               top_k=40))  # temperature 0: greedy
     c.sample.top_p = 1.0  # nucleus sampling: keep the fewest tokens whose probability reaches it
     c.sample.seed = 0  # the same seed gives the same sample
+    # Encoder-decoders: num_beams > 1 decodes by beam search, ranking finished outputs of n tokens
+    # by logprob / ((5 + n) / 6) ** length_penalty (0: total log-probability; llmjax/beam_search.py).
+    c.sample.num_beams = 1
+    c.sample.length_penalty = 0.6
     return c
 
 

@@ -5,11 +5,17 @@
 
 The direction follows the source: a directory with config.json is a Hugging Face model; one with
 checkpoints/ (or a checkpoints/<step> folder) is llmjax's. An imported workdir holds
-checkpoints/0/{state, config} (step 0, fresh optimizer state, the full llmjax config),
-tokenizer.model when the Hugging Face directory has a SentencePiece one, and config.py, a config
-file for the trainer that reproduces the saved config with `init_from` pointing at the workdir:
+checkpoints/0/{state, config} (step 0, fresh optimizer state, the full llmjax config; encoders
+and encoder-decoders with their pretraining objective), tokenizer.model when the Hugging Face
+directory has a SentencePiece one (tokenizer.model, T5's spiece.model, sentencepiece.bpe.model;
+a converted T5 keeps Hugging Face's sentinel ids via data.sentinels_at_top), and config.py, a
+config file for the trainer that reproduces the saved config with `init_from` pointing at the
+workdir:
 
     python -m llmjax.main --config=WORKDIR/config.py --workdir=NEW_RUN
+
+BERT's WordPiece and RoBERTa's / BART's byte-level BPE tokenizers are not SentencePiece: the
+weights convert, a warning says the tokenizer stays behind.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import sys
 
 CONFIG_JSON = "llmjax_config.json"
 TOKENIZER = "tokenizer.model"
+SENTENCEPIECE_FILES = (TOKENIZER, "spiece.model", "sentencepiece.bpe.model")
+T5_EXTRA_IDS = 100  # Hugging Face's T5Tokenizer default
 
 _CONFIG_PY = '''"""Continue training the model converted into this directory by `python -m llmjax.convert`.
 
@@ -50,6 +58,25 @@ def _sentencepiece_ids(path: str) -> dict:
     return {k: (v if v >= 0 else None) for k, v in ids.items()}
 
 
+def _t5_sentinels(src: str, tokenizer: str, config) -> None:
+    """Hugging Face's T5 tokenizer appends its <extra_id_N> sentinels after the SentencePiece
+    pieces, <extra_id_0> last; span corruption continues with those ids."""
+    import sentencepiece as spm
+    extra = T5_EXTRA_IDS
+    tok_config = os.path.join(src, "tokenizer_config.json")
+    if os.path.isfile(tok_config):
+        with open(tok_config) as f:
+            extra = int(json.load(f).get("extra_ids", extra))
+    pieces = spm.SentencePieceProcessor(model_file=tokenizer).vocab_size()
+    if extra and pieces + extra <= config.model.vocab_size:
+        config.data.sentinels_at_top, config.data.num_sentinels = True, extra
+    else:
+        print(f"warning: {tokenizer} has {pieces} pieces and {extra} extra ids, more than the "
+              f"model's {config.model.vocab_size} rows, so span corruption has no sentinel ids; "
+              "set data.num_sentinels and data.sentinels_at_top to match the model.",
+              file=sys.stderr)
+
+
 def hf_to_llmjax(src: str, workdir: str) -> str:
     """Imports a Hugging Face directory into a new llmjax workdir; returns the checkpoint path."""
     import jax.numpy as jnp
@@ -62,13 +89,24 @@ def hf_to_llmjax(src: str, workdir: str) -> str:
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise ValueError(f"{workdir} already has checkpoints; convert into a new, empty directory.")
     model, config = hf.load(src)
+    family, _ = hf.read_config(src)
     os.makedirs(workdir, exist_ok=True)
-    tokenizer = os.path.join(src, TOKENIZER)
-    if os.path.isfile(tokenizer):
+    names = (family.sentencepiece,) + tuple(n for n in SENTENCEPIECE_FILES if n != family.sentencepiece)
+    tokenizer = next((os.path.join(src, n) for n in names if os.path.isfile(os.path.join(src, n))),
+                     None)
+    if tokenizer is None and family.tokenizer:
+        print(f"warning: {family.model_type} uses {family.tokenizer}, not SentencePiece, so the "
+              "tokenizer is not carried (the weights are): keep using the original tokenizer with "
+              "the exported model, and to train here set data.tokenizer to a SentencePiece model "
+              "with the same ids (a new one trained by llmjax changes what the embeddings mean).",
+              file=sys.stderr)
+    if tokenizer is not None:
         shutil.copyfile(tokenizer, os.path.join(workdir, TOKENIZER))
         pad = _sentencepiece_ids(tokenizer)["pad_token_id"]
         if pad == 0:
             config.data.tokenizer = os.path.abspath(os.path.join(workdir, TOKENIZER))
+            if family.model_type == "t5":
+                _t5_sentinels(src, tokenizer, config)
         else:
             # Our data pipeline pads with id 0 (segment id 0 = padding); most published
             # SentencePiece models (LLaMA's) reserve 0 for <unk> and have no pad piece.
@@ -114,9 +152,21 @@ def llmjax_to_hf(src: str, out_dir: str) -> str:
                   os.path.join(str(directory.parent), TOKENIZER)]
     tokenizer = next((c for c in candidates if c and os.path.isfile(c)), None)
     token_ids = _sentencepiece_ids(tokenizer) if tokenizer else None
+    if token_ids and model_cfg.family == "encoder_decoder":
+        # The decoder starts from bos (llmjax's objectives) or pad (T5's conventions).
+        t5_style = config.get("data", {}).get("sentinels_at_top") or token_ids["bos_token_id"] is None
+        token_ids["decoder_start_token_id"] = token_ids["pad_token_id" if t5_style else "bos_token_id"]
     hf.save(params, model_cfg, out_dir, token_ids=token_ids)
     if tokenizer:
-        shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER))
+        family = hf.family_of(model_cfg)
+        shutil.copyfile(tokenizer, os.path.join(out_dir, family.sentencepiece))
+        if family.model_type == "t5":
+            # T5Tokenizer appends `extra_ids` sentinels after the pieces: as many as span corruption
+            # used at the top, or none when they are pieces of llmjax's own tokenizer.
+            data = config.get("data", {})
+            extra = int(data.get("num_sentinels", T5_EXTRA_IDS)) if data.get("sentinels_at_top") else 0
+            with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+                json.dump({"extra_ids": extra}, f)
     return out_dir
 
 

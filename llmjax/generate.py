@@ -9,6 +9,12 @@
 The run's saved config (in its newest checkpoint), its tokenizer (WORKDIR/tokenizer.model or the
 config's data.tokenizer) and the newest checkpoint's parameters are used.
 
+The command dispatches on the run's model.family: a decoder continues the prompt (below); an
+encoder-decoder decodes a target from it as its encoder input, greedily, by sampling, or by beam
+search with --config.sample.num_beams=4 --config.sample.length_penalty=0.6 (llmjax/beam_search.py);
+an encoder lists the --config.sample.top_k likeliest tokens of each <mask> in it
+(llmjax/fill_mask.py).
+
 Decoding: the prompts are laid out in one [batch, prompt_len] array (left-padded by default, so
 every row's last prompt token is in the same column; right padding works too), each row with its
 own positions (0 at its first real token). One jitted prefill writes the prompts into a KV cache of
@@ -219,9 +225,28 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return ([bos] if bos is not None and bos >= 0 else []) + ids
 
 
-def sample_text(graphdef, model_cfg, params, tokenizer, sample_cfg, prompts=None) -> list[str]:
-    """Continuations of `prompts` (default: [sample.prompt]) with the config's sample settings;
-    stops at the tokenizer's end-of-sequence token."""
+def sample_text(graphdef, model_cfg, params, tokenizer, sample_cfg, prompts=None, *,
+                data_cfg=None, mesh=None, rules=None) -> list[str]:
+    """What the model family does with `prompts` (default: [sample.prompt]) under the config's
+    sample settings: a decoder continues each prompt (stopping at the tokenizer's eos); an
+    encoder-decoder decodes a target for each as its encoder input (`data_cfg`, the run's data
+    section, says how inputs were tokenized and how the decoder starts; llmjax/beam_search.py,
+    default span corruption); an encoder lists the
+    top-k candidates of each <mask> (llmjax/fill_mask.py; the default prompt gets a <mask>
+    appended when it has none)."""
+    if model_cfg.family == "encoder_decoder":
+        from llmjax.beam_search import seq2seq_text
+        texts = [sample_cfg.prompt] if prompts is None else list(prompts)
+        data_cfg = {"objective": "span_corruption"} if data_cfg is None else data_cfg
+        return seq2seq_text(graphdef, model_cfg, params, tokenizer, sample_cfg, texts,
+                            data_cfg=data_cfg, mesh=mesh, rules=rules)
+    if model_cfg.family == "encoder":
+        from llmjax.data.objectives import MASK_PIECE
+        from llmjax.fill_mask import fill_mask_text
+        texts = list(prompts) if prompts is not None else [
+            sample_cfg.prompt if MASK_PIECE in sample_cfg.prompt else sample_cfg.prompt + MASK_PIECE]
+        return fill_mask_text(graphdef, model_cfg, params, tokenizer, texts,
+                              top_k=int(sample_cfg.top_k) or 5)
     texts = [sample_cfg.prompt] if prompts is None else list(prompts)
     sampling = Sampling(float(sample_cfg.temperature), int(sample_cfg.top_k),
                         float(sample_cfg.get("top_p", 1.0)))
@@ -348,7 +373,8 @@ def _parse_flags(argv):
         _fail(f"{e}.")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         _fail(f"a --config.sample override does not fit ({type(e).__name__}: {e}); the keys are "
-              "sample.prompt, max_new_tokens, temperature, top_k, top_p and seed.")
+              "sample.prompt, max_new_tokens, temperature, top_k, top_p, seed, num_beams and "
+              "length_penalty.")
 
 
 def main(argv):
@@ -366,6 +392,18 @@ def main(argv):
     overrides = {k: flags.FLAGS.config.sample[k] for k in given}
     try:
         run = load_run(flags.FLAGS.workdir)
+        if flags.FLAGS.benchmark and run.model_cfg.family == "encoder_decoder":
+            from llmjax.beam_search import benchmark as seq2seq_benchmark
+            for r in seq2seq_benchmark(run):
+                print(f"seq2seq decode batch {r['batch']}: {r['tokens_per_sec']:.0f} tokens/s "
+                      f"(decode only {r['decode_tokens_per_sec']:.0f}), encode + cache of "
+                      f"{r['input_len']} tokens {r['encode_ms']:.1f} ms, "
+                      f"{r['per_token_ms']:.2f} ms per token, {r['device']}")
+                print(json.dumps(r))
+            return
+        if flags.FLAGS.benchmark and run.model_cfg.family != "decoder":
+            raise ValueError("--benchmark measures decoding; an encoder run has none (fill-mask "
+                             "is one forward pass).")
         if flags.FLAGS.benchmark:
             for r in benchmark(run):
                 print(f"decode batch {r['batch']}: {r['tokens_per_sec']:.0f} tokens/s "
@@ -375,10 +413,13 @@ def main(argv):
                 print(json.dumps(r))
             return
         sample = _sample_settings(run, overrides)
+        from llmjax.validate import check_sample
+        check_sample(sample)
         args = (run.graphdef, run.model_cfg, run.params, run.tokenizer, sample)
+        kw = dict(data_cfg=run.config.data)
         if flags.FLAGS.prompt is not None:
             with _mesh(run):
-                print(sample_text(*args, prompts=[flags.FLAGS.prompt])[0])
+                print(sample_text(*args, prompts=[flags.FLAGS.prompt], **kw)[0])
             return
     except USER_ERRORS as e:
         _fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
@@ -395,7 +436,7 @@ def main(argv):
             continue
         try:
             with _mesh(run):
-                print(sample_text(*args, prompts=[line])[0], flush=True)
+                print(sample_text(*args, prompts=[line], **kw)[0], flush=True)
         except USER_ERRORS as e:
             print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr, flush=True)
 
@@ -412,7 +453,8 @@ def _define_flags():
     from llmjax.config import base_config
     import ml_collections
     flags.DEFINE_string("workdir", None, "A training run's directory.")
-    flags.DEFINE_string("prompt", None, "Text to continue; without it, prompts are read from stdin.")
+    flags.DEFINE_string("prompt", None, "Text to continue (decoder), to decode from (encoder-"
+                        "decoder) or with <mask>s to fill (encoder); without it, read from stdin.")
     flags.DEFINE_bool("benchmark", False, "Print decode speed (batch 1 and 8) instead of text.")
     try:  # the overrides in sys.argv are applied as the flag is defined
         config_flags.DEFINE_config_dict(
@@ -422,7 +464,8 @@ def _define_flags():
         given = [a for a in sys.argv[1:] if a.startswith("--config")]
         _fail(f"a --config override in {given} names an unknown key or has the wrong type "
               f"({type(e).__name__}); the keys are sample.prompt, sample.max_new_tokens, "
-              "sample.temperature, sample.top_k, sample.top_p and sample.seed.")
+              "sample.temperature, sample.top_k, sample.top_p, sample.seed, sample.num_beams and "
+              "sample.length_penalty.")
 
 
 if __name__ == "__main__":

@@ -173,9 +173,6 @@ def validate(config, mesh, model_cfg: ModelConfig):
         if task not in ("seq2seq", "classification") and objective not in wanted:
             raise ValueError(f"model.family={model_cfg.family!r} trains with data.objective in "
                              f"{wanted}, not {objective!r}; set --config.data.objective.")
-        if config.get("sample", {}).get("max_new_tokens", 0) > 0:
-            raise ValueError(f"sampling after training needs a decoder, not model.family="
-                             f"{model_cfg.family!r}; set --config.sample.max_new_tokens=0.")
         if model_cfg.position == "learned":
             longest = max(n for _, n in batch_shapes(config, model_cfg).values())
             if longest > model_cfg.max_len:

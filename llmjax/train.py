@@ -256,7 +256,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         # ------------------------------------------------------------------------------------
         # Sample: a short continuation from the trained model.
         if config.sample.max_new_tokens > 0:
-            text = sample_text(built.graphdef, model_cfg, state["params"], tokenizer, config.sample)[0]
+            text = sample_text(built.graphdef, model_cfg, state["params"], tokenizer, config.sample,
+                               data_cfg=config.data)[0]
             say("sample:\n" + text)
             last["sample"] = text
     logging.info("done at step %d", step)

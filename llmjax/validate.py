@@ -47,6 +47,7 @@ def validate_config(config, workdir: str | None = None) -> None:
                 "sample.temperature"):
         if _number(config, key) < 0:
             raise ValueError(f"{key}={_get(config, key)!r} is negative; set --config.{key} >= 0.")
+    check_sample(config.sample)
     rate = _number(config, "model.dropout_rate")
     if not 0 <= rate < 1:
         raise ValueError(f"model.dropout_rate={rate!r} must be in [0, 1); set "
@@ -119,3 +120,15 @@ def _check_tokenizer_file(path: str) -> None:
         raise ValueError(f"data.tokenizer={path!r} is not a SentencePiece model ("
                          f"{str(e).strip()[:80]}); give a .model file written by SentencePiece, "
                          "or '' to train one.") from e
+
+
+def check_sample(sample) -> None:
+    """The beam-search settings of a `sample` section (.get: configs saved before they existed)."""
+    beams = sample.get("num_beams", 1)
+    if isinstance(beams, bool) or not isinstance(beams, int) or beams < 1:
+        raise ValueError(f"sample.num_beams={beams!r} must be an integer >= 1 (1: greedy or "
+                         "sampling); set --config.sample.num_beams=4 or similar.")
+    alpha = sample.get("length_penalty", 0.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"sample.length_penalty={alpha!r} must be a finite number (0: rank beams "
+                         "by total log-probability); set --config.sample.length_penalty=0.6.")

@@ -234,9 +234,9 @@ def test_bad_inputs(hf_dirs, tmp_path):
                                          "tie_word_embeddings=False"):
         hf.load(headless)
 
-    bert = _rewrite(gpt2, tmp_path / "bert", edit_config=lambda c: c.update(model_type="bert"))
-    with pytest.raises(ValueError, match="model_type='bert'.*supported model types"):
-        hf.load(bert)
+    mistral = _rewrite(gpt2, tmp_path / "mistral", edit_config=lambda c: c.update(model_type="mistral"))
+    with pytest.raises(ValueError, match="model_type='mistral'.*supported model types"):
+        hf.load(mistral)
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()

@@ -48,6 +48,25 @@ def reserved_pieces(data_cfg) -> list[str]:
     return [MASK_PIECE] + [sentinel_piece(i) for i in range(int(data_cfg.get("num_sentinels", 100)))]
 
 
+def sentinel_ids(data_cfg, tokenizer) -> list[int]:
+    """The span-corruption sentinels: the tokenizer's <extra_id_N> pieces, or with
+    data.sentinels_at_top the ids Hugging Face's T5 tokenizer appends after its SentencePiece
+    vocabulary, <extra_id_0> last (vocab_size + num_sentinels - 1) and counting down."""
+    if not data_cfg.get("sentinels_at_top", False):
+        return tokenizer.sentinel_ids
+    count = int(data_cfg.get("num_sentinels", 100))
+    top = tokenizer.vocab_size + count - 1
+    return list(range(top, top - count, -1))
+
+
+def decoder_start_id(data_cfg, tokenizer) -> int:
+    """The decoder's first input: bos, or pad where T5's conventions hold (sentinels at the top
+    of the vocabulary, or a tokenizer without bos, as T5's spiece.model)."""
+    if data_cfg.get("sentinels_at_top", False) or tokenizer.bos_id < 0:
+        return tokenizer.pad_id
+    return tokenizer.bos_id
+
+
 def check_objective(name: str) -> str:
     if name not in OBJECTIVES:
         raise ValueError(f"data.objective={name!r} is not one of {OBJECTIVES}.")
@@ -106,7 +125,8 @@ def check_setup(data_cfg, tokenizer, seq_len: int) -> None:
     objective = check_objective(data_cfg.get("objective", "causal_lm"))
     if objective == "causal_lm":
         return
-    tokenizer.mask_id  # raises if the tokenizer reserves no <mask>
+    if not (objective == "span_corruption" and data_cfg.get("sentinels_at_top", False)):
+        tokenizer.mask_id  # raises if the tokenizer reserves no <mask>
     if objective == "mlm" and seq_len * data_cfg.mask_rate < 1:
         raise ValueError(f"seq_len={seq_len} is too short for masked LM at data.mask_rate="
                          f"{data_cfg.mask_rate}: fewer than one token would be masked; use seq_len "
@@ -120,9 +140,9 @@ def check_setup(data_cfg, tokenizer, seq_len: int) -> None:
                                                    data_cfg.mean_noise_span_length)
         spans = max(1, int(round(round(tokens_length * data_cfg.noise_density)
                                  / data_cfg.mean_noise_span_length)))
-        if spans > len(tokenizer.sentinel_ids):
+        if spans > len(sentinel_ids(data_cfg, tokenizer)):
             raise ValueError(f"span corruption of seq_len={seq_len} needs {spans} sentinel ids but "
-                             f"the tokenizer has {len(tokenizer.sentinel_ids)}; raise "
+                             f"the tokenizer has {len(sentinel_ids(data_cfg, tokenizer))}; raise "
                              "data.num_sentinels (and retrain the tokenizer) or lower seq_len.")
 
 
@@ -289,7 +309,8 @@ class SpanCorruptionRow(grain.transforms.RandomMap):
         self.density, self.mean = data_cfg.noise_density, data_cfg.mean_noise_span_length
         self.seq_len = seq_len
         self.target_len = span_corruption_lengths(seq_len, self.density, self.mean)[1]
-        self.sentinels, self.eos, self.start = tokenizer.sentinel_ids, tokenizer.eos_id, tokenizer.bos_id
+        self.sentinels, self.eos = sentinel_ids(data_cfg, tokenizer), tokenizer.eos_id
+        self.start = decoder_start_id(data_cfg, tokenizer)
 
     def random_map(self, row, rng):
         tokens = row["tokens"][row["tokens_segment_ids"] != 0]

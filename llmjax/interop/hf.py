@@ -7,7 +7,9 @@
 Each family is a `Family`: how its `config.json` maps to our `model` section (both ways) and one
 table of `Tensor` rows, each naming a Hugging Face tensor, the parameter(s) of ours it holds and
 how the layout differs. Layers are stacked on our leading `layers` axis (the scanned layout);
-`{i}` in a name is the layer index. New families (bert, t5, ...) add one `Family` each.
+`{i}` in a name is the layer index. Encoder (bert, roberta) and encoder-decoder (t5, bart)
+families map onto models/encoder.py and models/encoder_decoder.py the same way; their stacks'
+layers sit under encoder/layers and decoder/layers.
 
 Safety: weights are read from .safetensors files only (parsed by `safetensors_io`, never
 unpickled), so loading a downloaded model cannot run code.
@@ -19,7 +21,6 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ from flax.core import spmd as core_spmd
 
 from llmjax import sharding
 from llmjax.interop import safetensors_io
+from llmjax.interop.table import Family, Tensor, _need, _require  # noqa: F401 (hf.Tensor, ...)
 from llmjax.models import ModelConfig
 
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -37,61 +39,8 @@ _FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 _CONVERT_HINT = (
     "convert it once, in an environment you trust, with: python -c \"import transformers as t; "
-    "t.AutoModelForCausalLM.from_pretrained('{d}').save_pretrained('{d}_safetensors')\" and load "
+    "t.{arch}.from_pretrained('{d}').save_pretrained('{d}_safetensors')\" and load "
     "that directory")
-
-
-@dataclasses.dataclass(frozen=True)
-class Tensor:
-    """One Hugging Face tensor and the parameter(s) of ours that hold its values.
-
-    layout: 'copy' (same values, maybe reshaped), 'linear' (torch.nn.Linear, [out, in]: ours is its
-    transpose), 'conv1d' (GPT-2's Conv1D, [in, out] like ours); a tensor split along its last axis
-    into several of ours (GPT-2's fused c_attn) lists them all in `ours` with their `sizes`.
-    """
-
-    hf: str
-    shape: tuple[int, ...]  # the Hugging Face shape (of one layer)
-    ours: tuple[tuple[str, ...], ...]  # paths into our params dict (layered: under 'layers')
-    layout: str = "copy"
-    sizes: tuple[int, ...] = ()
-
-    @property
-    def layered(self) -> bool:
-        return "{i}" in self.hf
-
-    def to_ours(self, a: np.ndarray, our_shapes) -> list[np.ndarray]:
-        if self.layout == "linear":
-            a = a.T
-        parts = np.split(a, np.cumsum(self.sizes)[:-1], axis=-1) if self.sizes else [a]
-        return [p.reshape(s) for p, s in zip(parts, our_shapes)]
-
-    def to_hf(self, ws: list[np.ndarray]) -> np.ndarray:
-        if self.layout == "linear":
-            out, inp = self.shape
-            return ws[0].reshape(inp, out).T
-        if self.sizes:
-            return np.concatenate([w.reshape(self.shape[:-1] + (-1,)) for w in ws], axis=-1)
-        return ws[0].reshape(self.shape)
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    model_type: str
-    architecture: str  # the *ForCausalLM class `save` names
-    to_model: Callable[[dict], dict]  # HF config.json -> our `model` section
-    to_hf_config: Callable[[ModelConfig], dict]  # ours -> HF config.json (without common keys)
-    tensors: Callable[[ModelConfig], list[Tensor]]
-    prefixes: tuple[str, ...]  # the base model's prefix in *ForCausalLM files ('' = bare base model)
-    ignored: tuple[str, ...] = ()  # buffers some files carry that hold no parameters (suffixes)
-    represents: Callable[[ModelConfig], bool] = lambda m: False
-
-
-def _need(hf: dict, key: str, want, fix: str):
-    value = hf.get(key, want)
-    if value != want:
-        raise ValueError(f"config.json has {key}={value!r}, which llmjax's {hf.get('model_type')} "
-                         f"cannot represent (it needs {want!r}); {fix}.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,7 +108,8 @@ GPT2 = Family(
     model_type="gpt2", architecture="GPT2LMHeadModel", to_model=_gpt2_to_model,
     to_hf_config=_gpt2_to_hf, tensors=_gpt2_tensors, prefixes=("transformer.", ""),
     ignored=(".attn.bias", ".attn.masked_bias"),
-    represents=lambda m: (m.position, m.norm, m.activation, m.use_bias, m.num_kv_heads) == (
+    represents=lambda m: m.family == "decoder" and (
+        m.position, m.norm, m.activation, m.use_bias, m.num_kv_heads) == (
         "learned", "layernorm", "gelu", True, m.num_heads))
 
 
@@ -227,9 +177,13 @@ LLAMA = Family(
     model_type="llama", architecture="LlamaForCausalLM", to_model=_llama_to_model,
     to_hf_config=_llama_to_hf, tensors=_llama_tensors, prefixes=("model.", ""),
     ignored=("rotary_emb.inv_freq",),
-    represents=lambda m: (m.position, m.norm, m.activation) == ("rope", "rmsnorm", "swiglu"))
+    represents=lambda m: m.family == "decoder" and (m.position, m.norm, m.activation) == (
+        "rope", "rmsnorm", "swiglu"))
 
-FAMILIES = {f.model_type: f for f in (GPT2, LLAMA)}
+# BERT, RoBERTa, T5 and BART live in hf_encoders.py.
+from llmjax.interop.hf_encoders import BART, BERT, ROBERTA, T5  # noqa: E402
+
+FAMILIES = {f.model_type: f for f in (GPT2, LLAMA, BERT, ROBERTA, T5, BART)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,7 +207,7 @@ def read_config(path: str) -> tuple[Family, dict]:
     return FAMILIES[model_type], hf
 
 
-def _weight_files(path: str) -> dict[str, safetensors_io.File]:
+def _weight_files(path: str, architecture: str = "AutoModel") -> dict[str, safetensors_io.File]:
     """tensor name -> the open safetensors file holding it (one file, or shards with an index)."""
     index = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
@@ -270,20 +224,26 @@ def _weight_files(path: str) -> dict[str, safetensors_io.File]:
     if pickles:
         raise ValueError(f"{path} holds only PyTorch pickle weights ({pickles[0]}), which llmjax never "
                          "loads because unpickling can run arbitrary code; "
-                         + _CONVERT_HINT.format(d=path.rstrip("/")) + ".")
+                         + _CONVERT_HINT.format(d=path.rstrip("/"), arch=architecture) + ".")
     raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE} or {INDEX_FILE}; save the model with "
                             "save_pretrained() (safetensors is its default).")
 
 
-def model_config(family: Family, hf: dict) -> ModelConfig:
-    return ModelConfig(**family.to_model(hf))
+def model_config(family: Family, hf: dict, names=frozenset()) -> ModelConfig:
+    return ModelConfig(**family.from_files(family.to_model(hf), frozenset(names)))
 
 
-def full_config(model_cfg: ModelConfig) -> ml_collections.ConfigDict:
-    """A complete llmjax config (base schema) around a translated model section."""
+def full_config(model_cfg: ModelConfig, family: Family | None = None) -> ml_collections.ConfigDict:
+    """A complete llmjax config (base schema) around a translated model section; the encoder
+    families also get their pretraining objective, so the trainer continues it."""
     from llmjax.config import base_config
     c = base_config()
     c.model.update(dataclasses.asdict(model_cfg))
+    if family is not None and family.data:
+        from llmjax.models.presets import NO_DECAY
+        c.data.update(family.data)
+        c.optim.no_decay = NO_DECAY
+        c.sample.max_new_tokens = 0  # sampling is for decoders
     # Derived values stay 0, as config files write them, so `init_from`'s model check matches a
     # config file of the same shape.
     if model_cfg.num_kv_heads == model_cfg.num_heads:
@@ -308,18 +268,20 @@ def load(path: str | os.PathLike):
     from llmjax.steps import abstract_model
     path = os.fspath(path)
     family, hf = read_config(path)
-    model_cfg = model_config(family, hf)
-    files = _weight_files(path)
+    files = _weight_files(path, family.architecture)
+    model_cfg = model_config(family, hf, files)
     graphdef, abstract = abstract_model(model_cfg)
     shapes = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(abstract))
 
     def lookup(name: str) -> str:
         for prefix in family.prefixes:
-            if prefix + name in files:
-                return prefix + name
+            for candidate in (name,) + _legacy_names(name):
+                if prefix + candidate in files:
+                    return prefix + candidate
         raise ValueError(f"tensor {_hf_name(family, name)!r} is missing from {path}; the "
                          f"checkpoint does not match its {CONFIG_FILE} ({family.model_type}, "
-                         f"tie_word_embeddings={model_cfg.tie_embeddings}): re-save the model with "
+                         f"tie_word_embeddings={model_cfg.tie_embeddings}) or is not a "
+                         f"{family.architecture}: re-save the model with "
                          "save_pretrained() or fix config.json.")
 
     params: dict = {}
@@ -329,7 +291,7 @@ def load(path: str | os.PathLike):
         if row.layered:
             our_shapes = [s[1:] for s in our_shapes]
         per_layer = []
-        for i in range(model_cfg.num_layers if row.layered else 1):
+        for i in range((row.layers or model_cfg.num_layers) if row.layered else 1):
             name = lookup(row.hf.format(i=i))
             used.add(name)
             f = files[name]
@@ -347,19 +309,27 @@ def load(path: str | os.PathLike):
             value = np.stack([x[j] for x in per_layer]) if row.layered else per_layer[0][j]
             _put(params, p, value)
     extra = sorted(n for n in files if n not in used and not n.endswith(family.ignored)
-                   and not (model_cfg.tie_embeddings and n.endswith("lm_head.weight")))
+                   and not (model_cfg.tie_embeddings and n.endswith(family.tied_head)))
     if extra:
         raise ValueError(f"tensor {extra[0]!r} in {path} (and {len(extra) - 1} more) has no place in "
                          f"llmjax's {family.model_type} model; the checkpoint is a variant llmjax "
                          "does not support, or its config.json is wrong.")
     params = _place(params, abstract)
     nnx.replace_by_pure_dict(abstract, params)
-    return nnx.merge(graphdef, abstract), full_config(model_cfg)
+    return nnx.merge(graphdef, abstract), full_config(model_cfg, family)
+
+
+def _legacy_names(name: str) -> tuple[str, ...]:
+    """Older files (BERT's original conversion) name LayerNorm parameters gamma and beta;
+    transformers renames them on load, and so do we."""
+    if "LayerNorm." in name and name.endswith((".weight", ".bias")):
+        return (name.rsplit(".", 1)[0] + (".gamma" if name.endswith(".weight") else ".beta"),)
+    return ()
 
 
 def _hf_name(family: Family, name: str) -> str:
     """The full name in a *ForCausalLM file: the head sits outside the base model's prefix."""
-    return name if name.startswith("lm_head") else family.prefixes[0] + name
+    return name if name.startswith(family.heads) else family.prefixes[0] + name
 
 
 def _at(tree: dict, path):
@@ -390,30 +360,59 @@ def _place(params: dict, abstract) -> dict:
 @functools.lru_cache(maxsize=8)
 def _forward(graphdef):
     @jax.jit
-    def run(state, ids, segment_ids, positions):
-        return nnx.merge(graphdef, state)(ids, segment_ids, positions)
+    def run(state, args, kwargs):
+        return nnx.merge(graphdef, state)(*args, **kwargs)
     return run
 
 
+def _ids_and_mask(ids, mask, what: str):
+    """Hugging Face ids and mask (1 = real, right padding) -> our tokens, segment ids, positions."""
+    ids = np.asarray(ids, np.int32)
+    mask = np.ones_like(ids) if mask is None else np.asarray(mask, np.int32)
+    if mask.shape != ids.shape:
+        raise ValueError(f"{what}attention_mask has shape {mask.shape} but {what}input_ids "
+                         f"{ids.shape}; give one mask entry per token.")
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    return ids, mask, positions
+
+
 def logits(model, input_ids, attention_mask=None, decoder_input_ids=None,
-           decoder_attention_mask=None) -> np.ndarray:
+           decoder_attention_mask=None, token_type_ids=None) -> np.ndarray:
     """float32 [batch, length, vocab] logits for `input_ids`, as `transformers` would compute them.
 
     attention_mask: 1 = real token, 0 = padding, padding on the right (Hugging Face's convention);
     it becomes our segment ids (0 = padding) and positions count real tokens. Logits at padded
-    positions are not meaningful. The decoder_* arguments are for encoder-decoder families.
+    positions are not meaningful. Decoders give next-token logits; encoders (BERT, RoBERTa) MLM
+    logits at every input position (token_type_ids default to 0, as Hugging Face's); encoder-
+    decoders (T5, BART) need decoder_input_ids (the targets shifted right, given explicitly as
+    Hugging Face's forward takes them) and return logits at decoder positions [batch, dec_len, vocab].
     """
-    if decoder_input_ids is not None or decoder_attention_mask is not None:
-        raise ValueError("decoder_input_ids are for encoder-decoder models; this is a decoder-only "
-                         "model, so pass only input_ids and attention_mask.")
-    ids = np.asarray(input_ids, np.int32)
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask has shape {mask.shape} but input_ids {ids.shape}; give one "
-                         "mask entry per token.")
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    family = model.cfg.family
+    if family != "encoder_decoder" and (decoder_input_ids is not None
+                                        or decoder_attention_mask is not None):
+        raise ValueError(f"decoder_input_ids are for encoder-decoder models; this is a "
+                         f"{'decoder-only' if family == 'decoder' else 'encoder-only'} model, so "
+                         "pass only input_ids and attention_mask.")
+    if family != "encoder" and token_type_ids is not None:
+        raise ValueError("token_type_ids are for encoder models (BERT, RoBERTa); leave them out.")
+    args = _ids_and_mask(input_ids, attention_mask, "")
+    kwargs = {}
+    if family == "encoder_decoder":
+        if decoder_input_ids is None:
+            raise ValueError("an encoder-decoder model needs decoder_input_ids (the targets shifted "
+                             "right after the decoder start token); pass them as Hugging Face's "
+                             "forward takes them.")
+        tokens, segments, positions = _ids_and_mask(decoder_input_ids, decoder_attention_mask,
+                                                    "decoder_")
+        if len(tokens) != len(args[0]):
+            raise ValueError(f"decoder_input_ids has {len(tokens)} rows but input_ids {len(args[0])}"
+                             "; give one decoder row per input row.")
+        kwargs = dict(decoder_tokens=tokens, decoder_segment_ids=segments,
+                      decoder_positions=positions)
+    elif family == "encoder" and token_type_ids is not None:
+        kwargs = dict(token_types=np.asarray(token_type_ids, np.int32))
     graphdef, state = nnx.split(model)
-    return np.asarray(jax.device_get(_forward(graphdef)(state, ids, mask, positions)), np.float32)
+    return np.asarray(jax.device_get(_forward(graphdef)(state, args, kwargs)), np.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -423,10 +422,11 @@ def family_of(model_cfg: ModelConfig) -> Family:
     for family in FAMILIES.values():
         if family.represents(model_cfg):
             return family
-    raise ValueError(f"no Hugging Face architecture matches this model (position={model_cfg.position}"
-                     f", norm={model_cfg.norm}, activation={model_cfg.activation}, use_bias="
-                     f"{model_cfg.use_bias}); export GPT-2-style (learned, layernorm, gelu, bias) or "
-                     "LLaMA-style (rope, rmsnorm, swiglu) models.")
+    raise ValueError(f"no Hugging Face architecture matches this model (family={model_cfg.family}, "
+                     f"position={model_cfg.position}, norm={model_cfg.norm}, activation="
+                     f"{model_cfg.activation}, use_bias={model_cfg.use_bias}); export GPT-2-style "
+                     "(learned, layernorm, gelu, bias) or LLaMA-style (rope, rmsnorm, swiglu) "
+                     "decoders, BERT/RoBERTa encoders or T5/BART encoder-decoders.")
 
 
 def _model_config(config) -> ModelConfig:
@@ -441,21 +441,21 @@ def save(model, config, out_dir: str | os.PathLike, *, token_ids: dict | None = 
     config.json + model.safetensors (float32), loadable offline by transformers' Auto classes.
 
     `config` is the llmjax config (or its model section / ModelConfig); `token_ids` may give
-    bos_token_id / eos_token_id / pad_token_id for config.json."""
+    bos_token_id / eos_token_id / pad_token_id (/ decoder_start_token_id) for config.json."""
     out_dir = os.fspath(out_dir)
     model_cfg = _model_config(config)
     family = family_of(model_cfg)
+    hf = dict(architectures=[family.architecture], model_type=family.model_type, dtype="float32",
+              use_cache=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    hf.update(family.to_hf_config(model_cfg))  # raises before any weight is gathered
     params = model if isinstance(model, dict) else nnx.to_pure_dict(nnx.state(model, nnx.Param))
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
     tensors = {}
     for row in family.tensors(model_cfg):
         ours = [_at(params, p) for p in row.ours]
-        for i in range(model_cfg.num_layers if row.layered else 1):
+        for i in range((row.layers or model_cfg.num_layers) if row.layered else 1):
             ws = [w[i] for w in ours] if row.layered else ours
             tensors[_hf_name(family, row.hf.format(i=i))] = row.to_hf(ws)
-    hf = dict(architectures=[family.architecture], model_type=family.model_type, dtype="float32",
-              use_cache=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    hf.update(family.to_hf_config(model_cfg))
     hf.update(token_ids or {})
     os.makedirs(out_dir, exist_ok=True)
     safetensors_io.write(os.path.join(out_dir, WEIGHTS_FILE), tensors, {"format": "pt"})

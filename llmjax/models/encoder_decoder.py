@@ -65,13 +65,29 @@ class EncoderDecoder(nnx.Module):
         segment_ids, positions = _defaults(tokens, segment_ids, positions)
         return self.encoder(self._embed(tokens), segment_ids, positions, dropout_key=dropout_key)
 
+    def init_cache(self, encoded, length: int) -> dict:
+        """The decoder's cache for up to `length` target tokens: empty self-attention keys and
+        values and every layer's cross-attention keys and values of `encoded`, computed once (see
+        `layers.Stack.init_cache`)."""
+        return self.decoder.init_cache(encoded, length)
+
     def decode(self, decoder_tokens, encoded, segment_ids, decoder_segment_ids=None,
-               decoder_positions=None, dropout_key=None):
-        cfg = self.cfg
+               decoder_positions=None, dropout_key=None, cache=None):
+        """Logits of the decoder tokens given the encoder output. With a `cache` (from
+        `init_cache`; `encoded` may then be None), the tokens are written at its column
+        cache["index"] and the call returns (logits, updated cache)."""
         decoder_segment_ids, decoder_positions = _defaults(decoder_tokens, decoder_segment_ids,
                                                            decoder_positions)
         x = self.decoder(self._embed(decoder_tokens), decoder_segment_ids, decoder_positions,
-                         context=encoded, context_segments=segment_ids, dropout_key=dropout_key)
+                         context=encoded, context_segments=segment_ids, dropout_key=dropout_key,
+                         cache=cache)
+        if cache is not None:
+            x, cache = x
+            return self._logits(x), cache
+        return self._logits(x)
+
+    def _logits(self, x):
+        cfg = self.cfg
         if self.lm_head is None:
             if cfg.scale_decoder_output:
                 # T5 ties the head to the input table, whose rows are O(1), not O(d**-0.5).

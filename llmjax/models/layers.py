@@ -318,9 +318,31 @@ class MultiHeadAttention(Attention):
         super().__init__(cfg, rngs=rngs, out_std=out_std, dtype=dtype, param_dtype=param_dtype)
         self.scale = cfg.scale_attention
 
-    def __call__(self, x, mask, bias=None, context=None, dropout_key=None):
-        kv = x if context is None else context
+    def project_kv(self, context):
+        """Cross-attention keys and values of `context` [b, s, d] (computed once when decoding)."""
         names = ("act_batch", "act_length", "act_heads", "act_head_dim")
+        return constrain(self.key(context), names), constrain(self.value(context), names)
+
+    def __call__(self, x, mask, bias=None, context=None, dropout_key=None, cache=None):
+        """`cache` (incremental decoding; the call then returns (out, cache)): for self-attention
+        (k, v, index) as in `Attention`, the new keys and values written at column `index` and the
+        queries attending over the whole cache; for cross-attention (k, v) from `project_kv`,
+        used as they are (`context` is then not needed)."""
+        names = ("act_batch", "act_length", "act_heads", "act_head_dim")
+        if cache is not None:
+            q = constrain(self.query(x), names)
+            if len(cache) == 3:
+                k_cache, v_cache, index = cache
+                k = jax.lax.dynamic_update_slice(k_cache, self.key(x).astype(k_cache.dtype),
+                                                 (0, index, 0, 0))
+                v = jax.lax.dynamic_update_slice(v_cache, self.value(x).astype(v_cache.dtype),
+                                                 (0, index, 0, 0))
+                cache = (constrain(k, CACHE_AXES), constrain(v, CACHE_AXES))
+            k, v = cache
+            out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask[:, :, None],
+                                        None if bias is None else bias[:, :, None], scale=self.scale)
+            return self.out(out), cache
+        kv = x if context is None else context
         q = constrain(self.query(x), names)
         k, v = constrain(self.key(kv), names), constrain(self.value(kv), names)
         # mask [b, 1, t, s] and bias [b, heads, t, s] gain the group axis (one query per kv head).
@@ -358,7 +380,11 @@ class TransformerBlock(nnx.Module):
             return norm(x + dropout(f(x), self.dropout_rate, key))
         return x + dropout(f(norm(x)), self.dropout_rate, key)
 
-    def __call__(self, x, mask, bias=None, context=None, cross_mask=None, key=None):
+    def __call__(self, x, mask, bias=None, context=None, cross_mask=None, key=None, cache=None):
+        """`cache` (decoding, no dropout): (k, v, index, cross_k, cross_v) for this layer, see
+        `MultiHeadAttention`; returns (x, (k, v)) with the updated self-attention cache."""
+        if cache is not None:
+            return self._decode_step(x, mask, bias, cross_mask, cache)
         keys = jax.random.split(key, 5) if key is not None else (None,) * 5
         x = self._residual(x, self.attn_norm,
                            lambda h: self.attn(h, mask, bias, dropout_key=keys[0]), keys[1])
@@ -368,6 +394,22 @@ class TransformerBlock(nnx.Module):
                                                          dropout_key=keys[2]), keys[3])
         x = self._residual(x, self.mlp_norm, self.mlp, keys[4])
         return constrain(x, ("act_batch", "act_length", "act_embed"))
+
+    def _decode_step(self, x, mask, bias, cross_mask, cache):
+        k, v, index, cross_k, cross_v = cache
+        kv = {}  # `_residual` takes a function of one array: the updated cache comes out here
+
+        def attn(h):
+            out, kv["self"] = self.attn(h, mask, bias, cache=(k, v, index))
+            return out
+
+        x = self._residual(x, self.attn_norm, attn, None)
+        if self.cross_attn is not None:
+            x = self._residual(x, self.cross_norm,
+                               lambda h: self.cross_attn(h, cross_mask,
+                                                         cache=(cross_k, cross_v))[0], None)
+        x = self._residual(x, self.mlp_norm, self.mlp, None)
+        return constrain(x, ("act_batch", "act_length", "act_embed")), kv["self"]
 
 
 class Stack(nnx.Module):
@@ -403,8 +445,9 @@ class Stack(nnx.Module):
         self.final_norm = None if cfg.post_norm else make_norm(cfg.norm, cfg.d_model, **norm)
 
     def __call__(self, x, segment_ids, positions, *, token_types=None, context=None,
-                 context_segments=None, dropout_key=None):
-        """x: token embeddings [b, t, d]; returns the stack's output [b, t, d]."""
+                 context_segments=None, dropout_key=None, cache=None):
+        """x: token embeddings [b, t, d]; returns the stack's output [b, t, d]. With a `cache`
+        (decoding, see `_decode`) returns (output, updated cache)."""
         from llmjax.models.decoder import REMAT_POLICIES
         cfg = self.cfg
         keys = (jax.random.split(dropout_key, self.num_layers + 1) if dropout_key is not None
@@ -417,6 +460,8 @@ class Stack(nnx.Module):
             x = self.embed_norm(x)
         x = dropout(x, cfg.dropout_rate, None if keys is None else keys[-1])
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        if cache is not None:
+            return self._decode(x, segment_ids, positions, context_segments, cache)
         mask = attention_mask(segment_ids, segment_ids, causal=self.causal)[:, 0]  # [b, 1, t, t]
         bias = None if self.relpos_bias is None else self.relpos_bias(positions, positions)
         cross_mask = (None if context is None else
@@ -434,3 +479,63 @@ class Stack(nnx.Module):
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x
+
+    def cross_kv(self, context):
+        """Every layer's cross-attention keys and values of `context`, stacked over the layers:
+        two [layers, b, s, heads, head_dim] arrays (a decoder computes them once per input)."""
+        graphdef, stacked = nnx.split(self.layers)
+
+        def block(_, state):
+            k, v = nnx.merge(graphdef, state).cross_attn.project_kv(context)
+            return None, (constrain(k, CACHE_AXES), constrain(v, CACHE_AXES))
+
+        _, (k, v) = jax.lax.scan(block, None, stacked)
+        return constrain(k, STACKED_CACHE_AXES), constrain(v, STACKED_CACHE_AXES)
+
+    def init_cache(self, context, length: int) -> dict:
+        """An empty self-attention cache of `length` columns for a causal stack, with the
+        cross-attention keys and values of `context` [b, s, d] (computed here, once).
+
+        k, v: [layers, b, length, heads, head_dim] (compute dtype); cross_k, cross_v:
+        [layers, b, s, heads, head_dim]; index: the next column to write; valid: [b, length], True
+        where a real token was written; positions: [b, length], each column's position (T5's
+        relative bias of a new query against the cached keys)."""
+        cfg, batch = self.cfg, context.shape[0]
+        shape = (self.num_layers, batch, length, cfg.num_heads, cfg.head_dim)
+        zeros = constrain(jnp.zeros(shape, context.dtype), STACKED_CACHE_AXES)
+        cross_k, cross_v = self.cross_kv(context)
+        return {"k": zeros, "v": zeros, "cross_k": cross_k, "cross_v": cross_v,
+                "index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch, length), bool),
+                "positions": jnp.zeros((batch, length), jnp.int32)}
+
+    def _decode(self, x, segment_ids, positions, context_segments, cache):
+        """The causal blocks over a cache: this call's tokens go to columns index..index+t-1 and
+        attend to every valid column up to their own; the cross-attention keys and values come
+        from the cache. Each layer's cache slice is a scan input, its updated slice an output."""
+        index, t = cache["index"], x.shape[1]
+        valid = jax.lax.dynamic_update_slice(cache["valid"], segment_ids != 0, (0, index))
+        cached_positions = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, index))
+        columns = jnp.arange(valid.shape[1])
+        causal = columns[None, :] <= (index + jnp.arange(t))[:, None]  # [t, cache_len]
+        mask = (valid[:, None, :] & causal[None])[:, None]  # [b, 1, t, cache_len]
+        # The relative bias of the new queries against every cached key: the full forward's rows.
+        bias = (None if self.relpos_bias is None
+                else self.relpos_bias(positions, cached_positions))
+        cross_mask = attention_mask(segment_ids, context_segments, causal=False)[:, 0]
+        graphdef, stacked = nnx.split(self.layers)
+
+        def block(x, layer):
+            state, k, v, cross_k, cross_v = layer
+            return nnx.merge(graphdef, state)(x, mask, bias, cross_mask=cross_mask,
+                                              cache=(k, v, index, cross_k, cross_v))
+
+        x, (k, v) = jax.lax.scan(block, x, (stacked, cache["k"], cache["v"], cache["cross_k"],
+                                            cache["cross_v"]))
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        new = dict(cache, k=constrain(k, STACKED_CACHE_AXES), v=constrain(v, STACKED_CACHE_AXES),
+                   index=index + t, valid=valid, positions=cached_positions)
+        return x, new
+
+
+STACKED_CACHE_AXES = (None,) + CACHE_AXES  # [layers, batch, length, heads, head_dim]
