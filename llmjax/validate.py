@@ -106,6 +106,9 @@ def _validate_task(config) -> None:
         if num_labels != len(labels):
             raise ValueError(f"model.num_labels={num_labels} but data.labels has {len(labels)} "
                              f"labels; set --config.model.num_labels={len(labels)}.")
+        if config.get("sample", {}).get("max_new_tokens", 0) > 0:
+            raise ValueError("a classifier (model.num_labels > 0) writes no sample after training; "
+                             "set --config.sample.max_new_tokens=0.")
     elif num_labels:
         raise ValueError(f"model.num_labels={num_labels} (a classification head) needs "
                          f"data.task='classification', not {task!r}; set model.num_labels=0.")

@@ -114,6 +114,7 @@ def test_jsonl_missing_field_names_file_and_line(tmp_path):
                               r"--config.model.num_labels=3"),
     ({"data.task": "lm"}, r"model.num_labels=3 \(a classification head\) needs "
                           r"data.task='classification'"),
+    ({"sample.max_new_tokens": 4}, r"a classifier \(model.num_labels > 0\) writes no sample"),
 ])
 def test_bad_classification_configs(overrides, message):
     with pytest.raises(ValueError, match=message):

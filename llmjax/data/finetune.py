@@ -15,7 +15,8 @@ With `data.task = "seq2seq"` (T5, BART), the lines are `{"input": ..., "target":
 example becomes one encoder-decoder row (the batch keys of `steps.batch_keys`):
     inputs = encode(input) + [eos]  (padded to seq_len; a longer input loses its end),
     targets = encode(target) + [eos],  decoder_inputs = [bos] + encode(target)  (padded to
-    data.target_len, 0: seq_len; a longer target loses its end but keeps the eos),
+    data.target_len, 0: seq_len; a longer target loses its end but keeps the eos; the decoder
+    starts from pad instead of bos under T5's conventions, objectives.decoder_start_id),
     weights = 1 on every target token and the eos, segment ids 1 (0 on padding), positions 0...
 With `data.task = "classification"` (BERT, RoBERTa with `model.num_labels`), the lines are
 `{"text": ..., "label": ...}`; labels are strings, mapped to ids by their index in `data.labels`
@@ -123,8 +124,9 @@ class SftRow(grain.transforms.Map):
 class Seq2SeqRow(grain.transforms.Map):
     """{"input", "target"} -> one padded encoder-decoder row scored on the target (and its eos)."""
 
-    def __init__(self, tokenizer, seq_len: int, target_len: int):
+    def __init__(self, tokenizer, seq_len: int, target_len: int, start_id: int):
         self.tokenizer, self.seq_len, self.target_len = tokenizer, seq_len, target_len
+        self.start_id = start_id  # bos, or pad under T5's conventions (as pretraining and decoding)
 
     def map(self, example: dict[str, str]) -> dict[str, np.ndarray]:
         from llmjax.data.objectives import _encoder_decoder_example
@@ -134,7 +136,7 @@ class Seq2SeqRow(grain.transforms.Map):
         targets = tok.encode(example["target"])[:self.target_len - 1] + [tok.eos_id]
         return _encoder_decoder_example(np.asarray(inputs, np.int32), np.asarray(targets, np.int32),
                                         seq_len=self.seq_len, target_len=self.target_len,
-                                        start_id=tok.bos_id)
+                                        start_id=self.start_id)
 
 
 class ClassificationRow(grain.transforms.Map):
@@ -163,7 +165,9 @@ def row_maker(data_cfg, tokenizer, seq_len: int) -> grain.transforms.Map:
     """The transformation from an example of `data.task` to one row of the model's batch."""
     task = data_cfg.get("task", "sft")
     if task == "seq2seq":
-        return Seq2SeqRow(tokenizer, seq_len, int(data_cfg.get("target_len", 0)) or seq_len)
+        from llmjax.data.objectives import decoder_start_id
+        return Seq2SeqRow(tokenizer, seq_len, int(data_cfg.get("target_len", 0)) or seq_len,
+                          decoder_start_id(data_cfg, tokenizer))
     if task == "classification":
         return ClassificationRow(tokenizer, seq_len, tuple(data_cfg.get("labels", ())))
     return SftRow(tokenizer, seq_len)
