@@ -247,7 +247,8 @@ class Seq2SeqGenerator:
             raise ValueError(f"num_beams={num_beams!r} must be an integer >= 1 (1: greedy or "
                              "sampling).")
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1 (on the command line "
+                             "--config.sample.max_new_tokens=N).")
         for i, x in enumerate(inputs):
             if len(x) == 0:
                 raise ValueError(f"input {i} is empty; give at least one token of text to encode.")
@@ -323,9 +324,8 @@ def encode_input(tokenizer, text: str, data_cfg) -> list[int]:
         else:
             raise ValueError(f"<extra_id_{part}> is past the model's {len(top)} sentinels "
                              f"(data.num_sentinels); use <extra_id_0> to <extra_id_{len(top) - 1}>.")
-    bos = tokenizer.bos_id
-    start = [bos] if data_cfg.get("objective") != "span_corruption" and bos >= 0 else []
-    return start + ids + [tokenizer.eos_id]
+    from llmjax.data.objectives import encoder_start_ids
+    return encoder_start_ids(data_cfg, tokenizer) + ids + [tokenizer.eos_id]
 
 
 def decode_output(tokenizer, ids: Sequence[int], data_cfg) -> str:

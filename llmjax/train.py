@@ -79,8 +79,9 @@ class NonFiniteGuard:
 
 
 # Model keys that change how the step computes, not which parameters exist: a resumed or
-# fine-tuning run may change them (e.g. bfloat16 compute, remat, dropout for fine-tuning).
-COMPUTE_ONLY_KEYS = ("dtype", "remat_policy", "dropout_rate", "attention")
+# fine-tuning run may change them (e.g. bfloat16 compute, remat, dropout for fine-tuning; the
+# initialiser only matters at step 0).
+COMPUTE_ONLY_KEYS = ("dtype", "remat_policy", "dropout_rate", "attention", "init")
 
 
 def check_same_model(saved: dict, config, where, fine_tuning: bool = False) -> None:

@@ -39,7 +39,7 @@ def test_runlocal_keeps_architecture(name):
     full, local = fh.load_config(name).model, fh.load_config(name, "runlocal").model
     for key in ("family", "position", "norm", "activation", "use_bias", "tie_embeddings",
                 "post_norm", "position_offset", "scale_attention", "scale_decoder_output",
-                "final_logits_bias"):
+                "final_logits_bias", "init"):
         assert full[key] == local[key], key
     assert steps.count_params(ModelConfig.from_config(local))["params"] < 3_000_000
 
@@ -56,6 +56,32 @@ def test_relative_position_buckets_match_t5():
     # Known values: exact up to 7 each way, logarithmic up to 128, then the last bucket.
     assert [model_reference.t5_bucket(r, True, 32, 128) for r in (0, -1, 1, -8, 8, -127, -500)] == [
         0, 1, 17, 8, 24, 15, 15]
+
+
+@pytest.mark.parametrize("style", ["t5", "t5_v1_1"])
+def test_t5_starts_from_t5x_initialisers(style):
+    """Fan-in scaling with head_dim**-0.5 folded into the query and N(0, 1) token embeddings (with
+    0.02 everywhere the tiny T5 learned nothing of the shipped seq2seq task: README)."""
+    cfg = fh.tiny_model_cfg(style, d_model=64, num_heads=4, mlp_dim=256, vocab_size=256)
+    _, params = fh.make(cfg)
+    d, f, hd = cfg.d_model, cfg.mlp_dim, cfg.head_dim
+    want = {("token_embed", "embedding"): 1.0,
+            ("encoder", "layers", "attn", "query", "kernel"): (d * hd) ** -0.5,
+            ("decoder", "layers", "cross_attn", "key", "kernel"): d ** -0.5,
+            ("encoder", "layers", "attn", "out", "kernel"): (cfg.num_heads * hd) ** -0.5,
+            ("decoder", "layers", "mlp", "wi", "kernel"): d ** -0.5,
+            ("encoder", "layers", "mlp", "wo", "kernel"): f ** -0.5}
+    if style == "t5_v1_1":
+        want[("decoder", "layers", "mlp", "wi_gate", "kernel")] = d ** -0.5
+        want[("lm_head", "kernel")] = d ** -0.5
+    for path, std in want.items():
+        leaf = params
+        for key in path:
+            leaf = leaf[key]
+        assert abs(np.std(leaf) / std - 1) < 0.1, (path, np.std(leaf), std)
+    # A BART (init 'normal') keeps init_std everywhere.
+    _, bart = fh.make(fh.tiny_model_cfg("bart", d_model=64, num_heads=4, mlp_dim=256))
+    assert abs(np.std(bart["encoder"]["layers"]["attn"]["query"]["kernel"]) / 0.02 - 1) < 0.1
 
 
 def _example(rng, vocab):

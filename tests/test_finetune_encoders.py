@@ -49,6 +49,11 @@ def test_seq2seq_rows_score_only_the_target(tmp_path):
     np.testing.assert_array_equal(row["weights"], [1, 1, 1, 0, 0, 0, 0, 0])
     np.testing.assert_array_equal(row["decoder_segment_ids"], row["weights"])
     np.testing.assert_array_equal(row["decoder_positions"], [0, 1, 2, 0, 0, 0, 0, 0])
+    # BART's encoder reads a bos first, as in its pretraining and in decoding; T5's reads none.
+    bart = fh.tiny_train_config("bart", **{"data.task": "seq2seq", "data.target_len": 8,
+                                           "data.objective": "text_infilling"}).data
+    np.testing.assert_array_equal(finetune.row_maker(bart, tok, seq_len=6).map(short)["inputs"],
+                                  [1] + tok.encode("abc") + [2, 0])
     # Too long: both sides lose their ends and keep the eos.
     cut = finetune.row_maker(cfg, tok, seq_len=6).map(long)
     np.testing.assert_array_equal(cut["inputs"], tok.encode("a muc") + [2])

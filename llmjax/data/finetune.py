@@ -13,7 +13,8 @@ eval steps run on them.
 
 With `data.task = "seq2seq"` (T5, BART), the lines are `{"input": ..., "target": ...}` and each
 example becomes one encoder-decoder row (the batch keys of `steps.batch_keys`):
-    inputs = encode(input) + [eos]  (padded to seq_len; a longer input loses its end),
+    inputs = start + encode(input) + [eos]  (start: [bos], or nothing under T5's span corruption
+             as in pretraining and decoding; padded to seq_len; a longer input loses its end),
     targets = encode(target) + [eos],  decoder_inputs = [bos] + encode(target)  (padded to
     data.target_len, 0: seq_len; a longer target loses its end but keeps the eos; the decoder
     starts from pad instead of bos under T5's conventions, objectives.decoder_start_id),
@@ -124,15 +125,16 @@ class SftRow(grain.transforms.Map):
 class Seq2SeqRow(grain.transforms.Map):
     """{"input", "target"} -> one padded encoder-decoder row scored on the target (and its eos)."""
 
-    def __init__(self, tokenizer, seq_len: int, target_len: int, start_id: int):
+    def __init__(self, tokenizer, seq_len: int, target_len: int, start_id: int, prefix=()):
         self.tokenizer, self.seq_len, self.target_len = tokenizer, seq_len, target_len
         self.start_id = start_id  # bos, or pad under T5's conventions (as pretraining and decoding)
+        self.prefix = list(prefix)  # the encoder's first ids: [bos] for BART, none for T5
 
     def map(self, example: dict[str, str]) -> dict[str, np.ndarray]:
         from llmjax.data.objectives import _encoder_decoder_example
         tok = self.tokenizer
         # Too long: the input and the target lose their ends; both keep their eos.
-        inputs = tok.encode(example["input"])[:self.seq_len - 1] + [tok.eos_id]
+        inputs = (self.prefix + tok.encode(example["input"]))[:self.seq_len - 1] + [tok.eos_id]
         targets = tok.encode(example["target"])[:self.target_len - 1] + [tok.eos_id]
         return _encoder_decoder_example(np.asarray(inputs, np.int32), np.asarray(targets, np.int32),
                                         seq_len=self.seq_len, target_len=self.target_len,
@@ -165,9 +167,10 @@ def row_maker(data_cfg, tokenizer, seq_len: int) -> grain.transforms.Map:
     """The transformation from an example of `data.task` to one row of the model's batch."""
     task = data_cfg.get("task", "sft")
     if task == "seq2seq":
-        from llmjax.data.objectives import decoder_start_id
+        from llmjax.data.objectives import decoder_start_id, encoder_start_ids
         return Seq2SeqRow(tokenizer, seq_len, int(data_cfg.get("target_len", 0)) or seq_len,
-                          decoder_start_id(data_cfg, tokenizer))
+                          decoder_start_id(data_cfg, tokenizer),
+                          encoder_start_ids(data_cfg, tokenizer))
     if task == "classification":
         return ClassificationRow(tokenizer, seq_len, tuple(data_cfg.get("labels", ())))
     return SftRow(tokenizer, seq_len)

@@ -67,6 +67,15 @@ def decoder_start_id(data_cfg, tokenizer) -> int:
     return tokenizer.bos_id
 
 
+def encoder_start_ids(data_cfg, tokenizer) -> list[int]:
+    """What an encoder input starts with, in pretraining, seq2seq fine-tuning and decoding alike:
+    nothing under T5's span corruption (its documents are tokenized without bos), else [bos]
+    (BART's <s>)."""
+    if data_cfg.get("objective") == "span_corruption" or tokenizer.bos_id < 0:
+        return []
+    return [tokenizer.bos_id]
+
+
 def check_objective(name: str) -> str:
     if name not in OBJECTIVES:
         raise ValueError(f"data.objective={name!r} is not one of {OBJECTIVES}.")

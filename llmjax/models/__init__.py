@@ -32,6 +32,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout_rate: float = 0.0
     init_std: float = 0.02
+    # normal: every weight N(0, init_std), residual writers / sqrt(2 layers) (GPT-2, BERT);
+    # t5: T5X's fan-in variance scaling, embeddings N(0, 1) (encoder_decoder only; see layers.init_std)
+    init: str = "normal"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
@@ -83,7 +86,8 @@ class ModelConfig:
                              ("activation", ("gelu", "swiglu", "gelu_exact", "relu", "gated_gelu")),
                              ("dtype", ("float32", "bfloat16", "float16")),
                              ("param_dtype", ("float32", "bfloat16")),
-                             ("attention", ("xla", "cudnn"))):
+                             ("attention", ("xla", "cudnn")),
+                             ("init", ("normal", "t5"))):
             if getattr(self, key) not in choices:
                 raise ValueError(f"model.{key}={getattr(self, key)!r} is not one of {choices}.")
         if self.attention == "cudnn" and (self.dropout_rate > 0 or self.dtype == "float32"):
@@ -99,7 +103,7 @@ class ModelConfig:
         own = {  # key: the families that may set it away from its default
             "num_decoder_layers": ("encoder_decoder",), "type_vocab_size": ("encoder",),
             "pooler": ("encoder",), "num_labels": ("encoder",), "final_logits_bias": ("encoder_decoder",),
-            "scale_decoder_output": ("encoder_decoder",),
+            "scale_decoder_output": ("encoder_decoder",), "init": ("encoder_decoder",),
             "post_norm": ("encoder", "encoder_decoder"), "position_offset": ("encoder", "encoder_decoder"),
             "scale_attention": ("encoder", "encoder_decoder"),
             "scale_embeddings": ("encoder", "encoder_decoder"),

@@ -47,13 +47,15 @@ class EncoderDecoder(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         self.cfg = cfg
         dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        # T5X's token table is N(0, 1): rows are O(1) like the unit-scale activations they join.
         self.token_embed = L.Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), rngs=rngs,
-                                   init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype)
+                                   init_std=1.0 if cfg.init == "t5" else cfg.init_std, dtype=dtype,
+                                   param_dtype=pdtype)
         self.encoder = L.Stack(cfg, num_layers=cfg.num_layers, causal=False, cross=False, rngs=rngs)
         self.decoder = L.Stack(cfg, num_layers=cfg.decoder_layers, causal=True, cross=True, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else L.Linear(
             (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), use_bias=False, rngs=rngs,
-            init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype)
+            init_std=L.init_std(cfg, cfg.d_model, cfg.init_std), dtype=dtype, param_dtype=pdtype)
         self.final_logits_bias = (L.param(rngs, nnx.initializers.zeros, (cfg.vocab_size,), ("vocab",),
                                           pdtype) if cfg.final_logits_bias else None)
 

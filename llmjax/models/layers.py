@@ -167,6 +167,15 @@ def dot_product_attention(q, k, v, mask, bias=None, *, scale=True, dropout_rate=
     return out.reshape(b, t, n, d)
 
 
+def init_std(cfg, fan_in: int, default: float) -> float:
+    """The initial std of a weight read by `fan_in` inputs: `default` under cfg.init='normal', and
+    fan_in**-0.5 under cfg.init='t5' (T5X's variance_scaling(1, 'fan_in')): every projection of a
+    unit-scale input is then unit-scale at any width, next to N(0, 1) token embeddings. With 0.02
+    everywhere T5's pre-norm stack starts with embeddings 10x smaller than the position-mixed
+    attention output, and its encoder output hardly depends on the input."""
+    return fan_in ** -0.5 if cfg.init == "t5" else default
+
+
 # A KV cache is sharded like the activations it stores: batch over data/fsdp, kv heads over tensor.
 CACHE_AXES = ("act_batch", "act_length", "act_kv_heads", "act_head_dim")
 
@@ -177,11 +186,13 @@ class Attention(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs, out_std: float, dtype, param_dtype):
         d, n, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(use_bias=cfg.use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                  init_std=cfg.init_std)
-        self.query = Linear((d,), (n, hd), ("embed", "heads", "head_dim"), **kw)
+                  init_std=init_std(cfg, d, cfg.init_std))
+        # Without query scaling (T5), its init carries head_dim**-0.5 instead (T5X).
+        q_std = kw["init_std"] * (hd ** -0.5 if cfg.init == "t5" and not cfg.scale_attention else 1)
+        self.query = Linear((d,), (n, hd), ("embed", "heads", "head_dim"), **dict(kw, init_std=q_std))
         self.key = Linear((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), **kw)
         self.value = Linear((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), **kw)
-        kw["init_std"] = out_std
+        kw["init_std"] = init_std(cfg, n * hd, out_std)
         self.out = Linear((n, hd), (d,), ("heads", "head_dim", "embed"), **kw)
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         self.dropout_rate = cfg.dropout_rate
@@ -236,7 +247,7 @@ class Mlp(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs, out_std: float, dtype, param_dtype):
         d, f = cfg.d_model, cfg.mlp_dim
         kw = dict(use_bias=cfg.use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                  init_std=cfg.init_std)
+                  init_std=init_std(cfg, d, cfg.init_std))
         self.activation = cfg.activation
         if self.activation not in MLP_ACTIVATIONS:
             raise ValueError(f"model.activation={cfg.activation!r} is not one of "
@@ -244,7 +255,7 @@ class Mlp(nnx.Module):
         gated = MLP_ACTIVATIONS[self.activation][1]
         self.wi = Linear((d,), (f,), ("embed", "mlp"), **kw)
         self.wi_gate = Linear((d,), (f,), ("embed", "mlp"), **kw) if gated else None
-        kw["init_std"] = out_std
+        kw["init_std"] = init_std(cfg, f, out_std)
         self.wo = Linear((f,), (d,), ("mlp", "embed"), **kw)
 
     def __call__(self, x):
@@ -296,7 +307,9 @@ class RelativePositionBias(nnx.Module):
         self.num_buckets = cfg.relative_attention_num_buckets
         self.max_distance = cfg.relative_attention_max_distance
         # "position" (replicated): a few hundred numbers, read by every attention head's shard.
-        self.embedding = param(rngs, nnx.initializers.normal(cfg.init_std),
+        # t5: T5X's variance_scaling(1, 'fan_avg') over the [buckets, heads] table.
+        std = init_std(cfg, (self.num_buckets + cfg.num_heads) // 2, cfg.init_std)
+        self.embedding = param(rngs, nnx.initializers.normal(std),
                                (self.num_buckets, cfg.num_heads), ("position", "heads"), param_dtype)
 
     def __call__(self, q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:

@@ -15,7 +15,7 @@ ROBERTA_STYLE = dict(BERT_STYLE, norm_eps=1e-5, type_vocab_size=1, position_offs
 T5_STYLE = dict(family="encoder_decoder", position="relative", norm="rmsnorm", norm_eps=1e-6,
                 activation="relu", use_bias=False, tie_embeddings=True, scale_attention=False,
                 scale_decoder_output=True, relative_attention_num_buckets=32,
-                relative_attention_max_distance=128, max_len=512, dropout_rate=0.1)
+                relative_attention_max_distance=128, max_len=512, dropout_rate=0.1, init="t5")
 # T5 v1.1: gated GELU, untied head, no dropout in pretraining.
 T5_V1_1_STYLE = dict(T5_STYLE, activation="gated_gelu", tie_embeddings=False,
                      scale_decoder_output=False, dropout_rate=0.0)
