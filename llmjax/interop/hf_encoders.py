@@ -187,7 +187,8 @@ def _t5_to_model(hf: dict) -> dict:
                 norm="rmsnorm", norm_eps=float(hf.get("layer_norm_epsilon", 1e-6)),
                 activation=_T5_ACTIVATIONS[ff], use_bias=False, tie_embeddings=tied,
                 scale_attention=False,
-                scale_decoder_output=bool(hf.get("scale_decoder_outputs", tied)), dropout_rate=0.0)
+                scale_decoder_output=bool(hf.get("scale_decoder_outputs", tied)), dropout_rate=0.0,
+                init="t5")
 
 
 def _t5_untie(model: dict, names: frozenset) -> dict:
