@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llmjax.generate import Output, Sampling, choose
+from llmjax.generate import Compiled, Output, Sampling, choose
 
 
 def length_penalty(length, alpha: float):
@@ -175,35 +175,15 @@ def _reorder(cache: dict, rows: jax.Array) -> dict:
                 valid=cache["valid"][rows], positions=cache["positions"][rows])
 
 
-class Seq2SeqGenerator:
-    """Compiled encode-and-cache and decode loops for one encoder-decoder model.
-
-    Under a mesh (pass `mesh` and `rules`, or call inside `sharding.use_mesh`), the caches and the
-    activations are sharded by the model's logical axis names like in training."""
+class Seq2SeqGenerator(Compiled):
+    """Compiled encode-and-cache and decode loops for one encoder-decoder model (sharded under a
+    mesh as `generate.Compiled` says)."""
 
     def __init__(self, graphdef, model_cfg, *, mesh=None, rules=None):
-        from llmjax.sharding import rules_from_config
         if model_cfg.family != "encoder_decoder":
             raise ValueError(f"Seq2SeqGenerator needs model.family='encoder_decoder', not "
                              f"{model_cfg.family!r}.")
-        self.graphdef, self.cfg = graphdef, model_cfg
-        self.mesh, self.rules = mesh, None if rules is None else rules_from_config(rules)
-
-    def _key(self):
-        return (self.graphdef, self.cfg, self.mesh, self.rules)
-
-    def __hash__(self):
-        return hash(self._key())
-
-    def __eq__(self, other):
-        return isinstance(other, Seq2SeqGenerator) and self._key() == other._key()
-
-    def _context(self):
-        import contextlib
-        if self.mesh is None:
-            return contextlib.nullcontext()
-        from llmjax import sharding
-        return sharding.use_mesh(self.mesh, self.rules)
+        super().__init__(graphdef, model_cfg, mesh=mesh, rules=rules)
 
     @functools.partial(jax.jit, static_argnums=(0, 5, 6))
     def _encode(self, params, tokens, segments, positions, length, num_beams):

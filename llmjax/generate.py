@@ -109,28 +109,26 @@ class Output:
     stopped: list[bool]  # whether the row ended at a stop token
 
 
-class Generator:
-    """Compiled prefill and decode for one model; call `generate` for each batch of prompts.
+class Compiled:
+    """One model's graph, config and mesh, as the static `self` of jitted methods: equal instances
+    (same model, same mesh) share compilations, so a new one per prompt does not recompile.
 
-    Under a mesh (pass `mesh` and `rules`, or call inside `sharding.use_mesh`), the cache and the
-    activations are sharded by the model's logical axis names like in training.
-    """
+    Under a mesh (pass `mesh` and `rules`, or call inside `sharding.use_mesh`), caches and
+    activations are sharded by the model's logical axis names like in training."""
 
     def __init__(self, graphdef, model_cfg, *, mesh=None, rules=None):
         from llmjax.sharding import rules_from_config
         self.graphdef, self.cfg = graphdef, model_cfg
         self.mesh, self.rules = mesh, None if rules is None else rules_from_config(rules)
 
-    # The jitted methods take `self` as a static argument: equal generators (same model, same
-    # mesh) share compilations, so a new Generator per prompt does not recompile.
     def _key(self):
-        return (self.graphdef, self.cfg, self.mesh, self.rules)
+        return (type(self), self.graphdef, self.cfg, self.mesh, self.rules)
 
     def __hash__(self):
         return hash(self._key())
 
     def __eq__(self, other):
-        return isinstance(other, Generator) and self._key() == other._key()
+        return isinstance(other, Compiled) and self._key() == other._key()
 
     def _context(self):
         if self.mesh is None:
@@ -138,6 +136,10 @@ class Generator:
             return contextlib.nullcontext()
         from llmjax import sharding
         return sharding.use_mesh(self.mesh, self.rules)
+
+
+class Generator(Compiled):
+    """Compiled prefill and decode for one decoder; call `generate` for each batch of prompts."""
 
     @functools.partial(jax.jit, static_argnums=(0, 6))
     def _prefill(self, params, tokens, segments, positions, last, cache_len):

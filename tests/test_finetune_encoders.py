@@ -15,7 +15,7 @@ from llmjax.validate import validate_config
 
 import family_helpers as fh
 import model_reference
-from test_finetune import CharTokenizer, write_jsonl
+from test_finetune import CharTokenizer, build, write_jsonl
 
 LABELS = ("neg", "pos", "odd")
 
@@ -170,14 +170,6 @@ def test_classification_loss_and_accuracy_match_numpy():
     assert got["count"] == 3
     np.testing.assert_allclose(got["loss_sum"], sum(losses), rtol=1e-4)
     assert got["correct"] == sum(right)
-
-
-def build(config, devices):
-    mesh = sharding.make_mesh(config.mesh.shape, devices[:int(np.prod(config.mesh.shape))])
-    with sharding.use_mesh(mesh, config.sharding_rules):
-        built = steps.build(config, mesh)
-        state = built.init()
-    return built, state, mesh
 
 
 def run_steps(built, state, mesh, config, batches):

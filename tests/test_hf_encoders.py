@@ -23,8 +23,9 @@ transformers = pytest.importorskip("transformers")
 
 from llmjax import checkpoint, convert  # noqa: E402
 from llmjax.data import objectives  # noqa: E402
-from llmjax.interop import hf, safetensors_io  # noqa: E402
+from llmjax.interop import hf  # noqa: E402
 from tests import family_helpers as fh  # noqa: E402
+from test_hf import _rewrite  # noqa: E402
 
 ATOL = 1e-4
 VOCAB = 96
@@ -198,20 +199,6 @@ def test_llmjax_model_exports(style, tmp_path):
     _close(_hf_logits(out, name, batch), ours, name, batch)
     back, _ = hf.load(out)  # and back: the same parameters, bit for bit
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(back, nnx.Param)), params)
-
-
-def _rewrite(src, dst, edit_tensors=None, edit_config=None):
-    shutil.copytree(src, dst)
-    if edit_config:
-        cfg = json.loads((dst / "config.json").read_text())
-        edit_config(cfg)
-        (dst / "config.json").write_text(json.dumps(cfg))
-    if edit_tensors:
-        f = safetensors_io.File(dst / "model.safetensors")
-        tensors = {n: np.array(f.get(n)) for n in f.names()}
-        edit_tensors(tensors)
-        safetensors_io.write(dst / "model.safetensors", tensors, {"format": "pt"})
-    return dst
 
 
 def test_t5_untied_head_with_scaled_output(hf_dirs, tmp_path):
