@@ -351,7 +351,7 @@ def benchmark(run, *, batch_sizes=(1, 8), input_len: int = 64, new_tokens: int =
               repeats: int = 3) -> list[dict]:
     """Encode + cache latency, per-token latency and tokens/s of greedy encoder-decoder decoding
     with no early stop (eos -1 never comes), for a `generate.Run`."""
-    import time
+    from llmjax.generate import speed, time_phases
     cfg = run.model_cfg
     gen = Seq2SeqGenerator(run.graphdef, cfg, mesh=run.mesh, rules=run.rules)
     input_len, new_tokens = min(input_len, cfg.max_len), min(new_tokens, cfg.max_len)
@@ -361,25 +361,12 @@ def benchmark(run, *, batch_sizes=(1, 8), input_len: int = 64, new_tokens: int =
         tokens, segments, positions = layout_inputs(
             rng.integers(1, cfg.vocab_size, (batch, input_len)).tolist(), bucket=1)
         key = jax.random.key(0)
-        encode_s, decode_s = [], []
         with gen._context():
-            for r in range(repeats + 1):  # the first round compiles
-                t0 = time.perf_counter()
-                cache, segs = gen._encode(run.params, tokens, segments, positions, new_tokens, 1)
-                jax.block_until_ready(cache)
-                t1 = time.perf_counter()
-                out = gen._greedy(run.params, cache, segs, key, new_tokens, Sampling(), 0, -1)
-                jax.block_until_ready(out)
-                t2 = time.perf_counter()
-                if r:
-                    encode_s.append(t1 - t0)
-                    decode_s.append(t2 - t1)
-        encode, decode = float(np.median(encode_s)), float(np.median(decode_s))
-        results.append({
-            "batch": batch, "input_len": input_len, "new_tokens": new_tokens,
-            "encode_ms": round(1e3 * encode, 2),
-            "per_token_ms": round(1e3 * decode / new_tokens, 3),
-            "decode_tokens_per_sec": round(batch * new_tokens / decode, 1),
-            "tokens_per_sec": round(batch * new_tokens / (encode + decode), 1),
-            "device": jax.devices()[0].device_kind})
+            encode, decode = time_phases(
+                lambda: gen._encode(run.params, tokens, segments, positions, new_tokens, 1),
+                lambda out: gen._greedy(run.params, *out, key, new_tokens, Sampling(), 0, -1),
+                repeats)
+        results.append({"batch": batch, "input_len": input_len, "new_tokens": new_tokens,
+                        "encode_ms": round(1e3 * encode, 2),
+                        **speed(batch, new_tokens, encode, decode)})
     return results

@@ -306,6 +306,35 @@ def load_run(workdir: str, mesh_shape=(-1, 1, 1)) -> Run:
 # Decode benchmark.
 
 
+def time_phases(start, decode, repeats: int) -> tuple[float, float]:
+    """Median seconds of `start()` and of `decode(start's result)`, after a compiling round."""
+    start_s, decode_s = [], []
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(start())
+        t1 = time.perf_counter()
+        jax.block_until_ready(decode(out))
+        if r:
+            start_s.append(t1 - t0)
+            decode_s.append(time.perf_counter() - t1)
+    return float(np.median(start_s)), float(np.median(decode_s))
+
+
+def speed(batch: int, new_tokens: int, start: float, decode: float) -> dict:
+    return {"per_token_ms": round(1e3 * decode / new_tokens, 3),
+            "decode_tokens_per_sec": round(batch * new_tokens / decode, 1),
+            "tokens_per_sec": round(batch * new_tokens / (start + decode), 1),
+            "device": jax.devices()[0].device_kind}
+
+
+def print_benchmark(rows: list[dict], what: str, start: str, length_key: str, start_key: str):
+    for r in rows:
+        print(f"{what} batch {r['batch']}: {r['tokens_per_sec']:.0f} tokens/s (decode only "
+              f"{r['decode_tokens_per_sec']:.0f}), {start} of {r[length_key]} tokens "
+              f"{r[start_key]:.1f} ms, {r['per_token_ms']:.2f} ms per token, {r['device']}")
+        print(json.dumps(r))
+
+
 def benchmark(run: Run, *, batch_sizes=(1, 8), prompt_len: int = 32, new_tokens: int = 64,
               repeats: int = 3) -> list[dict]:
     """Prefill latency, per-token latency and tokens/s of greedy decoding with no early stop."""
@@ -318,28 +347,15 @@ def benchmark(run: Run, *, batch_sizes=(1, 8), prompt_len: int = 32, new_tokens:
         tokens, segments, positions, last = layout(prompts, bucket=1)
         next_pos = np.full(batch, prompt_len, np.int32)
         key = jax.random.key(0)
-        prefill_s, decode_s = [], []
         with gen._context():
-            for r in range(repeats + 1):  # the first round compiles
-                t0 = time.perf_counter()
-                logits, cache = gen._prefill(run.params, tokens, segments, positions, last,
-                                             prompt_len + new_tokens)
-                jax.block_until_ready(logits)
-                t1 = time.perf_counter()
-                out = gen._decode(run.params, logits, cache, next_pos, key, new_tokens, Sampling(), ())
-                jax.block_until_ready(out)
-                t2 = time.perf_counter()
-                if r:
-                    prefill_s.append(t1 - t0)
-                    decode_s.append(t2 - t1)
-        prefill, decode = float(np.median(prefill_s)), float(np.median(decode_s))
-        results.append({
-            "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "prefill_ms": round(1e3 * prefill, 2),
-            "per_token_ms": round(1e3 * decode / new_tokens, 3),
-            "decode_tokens_per_sec": round(batch * new_tokens / decode, 1),
-            "tokens_per_sec": round(batch * new_tokens / (prefill + decode), 1),
-            "device": jax.devices()[0].device_kind})
+            prefill, decode = time_phases(
+                lambda: gen._prefill(run.params, tokens, segments, positions, last,
+                                     prompt_len + new_tokens),
+                lambda out: gen._decode(run.params, *out, next_pos, key, new_tokens, Sampling(), ()),
+                repeats)
+        results.append({"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                        "prefill_ms": round(1e3 * prefill, 2),
+                        **speed(batch, new_tokens, prefill, decode)})
     return results
 
 
@@ -396,23 +412,14 @@ def main(argv):
         run = load_run(flags.FLAGS.workdir)
         if flags.FLAGS.benchmark and run.model_cfg.family == "encoder_decoder":
             from llmjax.beam_search import benchmark as seq2seq_benchmark
-            for r in seq2seq_benchmark(run):
-                print(f"seq2seq decode batch {r['batch']}: {r['tokens_per_sec']:.0f} tokens/s "
-                      f"(decode only {r['decode_tokens_per_sec']:.0f}), encode + cache of "
-                      f"{r['input_len']} tokens {r['encode_ms']:.1f} ms, "
-                      f"{r['per_token_ms']:.2f} ms per token, {r['device']}")
-                print(json.dumps(r))
+            print_benchmark(seq2seq_benchmark(run), "seq2seq decode", "encode + cache",
+                            "input_len", "encode_ms")
             return
         if flags.FLAGS.benchmark and run.model_cfg.family != "decoder":
             raise ValueError("--benchmark measures decoding; an encoder run has none (fill-mask "
                              "is one forward pass).")
         if flags.FLAGS.benchmark:
-            for r in benchmark(run):
-                print(f"decode batch {r['batch']}: {r['tokens_per_sec']:.0f} tokens/s "
-                      f"(decode only {r['decode_tokens_per_sec']:.0f}), prefill of "
-                      f"{r['prompt_len']} tokens {r['prefill_ms']:.1f} ms, "
-                      f"{r['per_token_ms']:.2f} ms per token, {r['device']}")
-                print(json.dumps(r))
+            print_benchmark(benchmark(run), "decode", "prefill", "prompt_len", "prefill_ms")
             return
         sample = _sample_settings(run, overrides)
         from llmjax.validate import check_sample

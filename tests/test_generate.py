@@ -150,3 +150,19 @@ def test_bad_prompts(devices):
     # The new tokens are cut to what fits the context.
     out = g.generate(params, [[1] * 40], max_new_tokens=20)
     assert len(out.tokens[0]) == 8
+
+
+def test_decode_benchmark_reports_consistent_figures(capsys):
+    """generate.benchmark (the --benchmark figures): the speeds follow from the measured times."""
+    built, params, mesh, rules = make("gpt")
+    run = gen.Run(None, built.model_cfg, built.graphdef, params, None, 0, mesh, rules)
+    rows = gen.benchmark(run, batch_sizes=(1, 2), prompt_len=4, new_tokens=6, repeats=1)
+    assert [(r["batch"], r["prompt_len"], r["new_tokens"]) for r in rows] == [(1, 4, 6), (2, 4, 6)]
+    for r in rows:
+        decode_s = r["batch"] * 6 / r["decode_tokens_per_sec"]
+        assert r["per_token_ms"] == pytest.approx(1e3 * decode_s / 6, rel=1e-2)
+        total_s = r["batch"] * 6 / r["tokens_per_sec"]
+        assert total_s == pytest.approx(decode_s + r["prefill_ms"] / 1e3, rel=1e-2, abs=2e-5)
+    gen.print_benchmark(rows, "decode", "prefill", "prompt_len", "prefill_ms")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("decode batch 1: ") and "prefill of 4 tokens" in lines[0]
