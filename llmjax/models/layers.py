@@ -52,7 +52,10 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
         axes = tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (axes, ((), ())))
+        # Accumulated in float32 whatever the compute dtype: more exact, and on CPUs with bf16 dot
+        # instructions (AVX512-BF16, AMX) bf16 x bf16 -> f32 is the fast kernel (2x float32 here).
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (axes, ((), ())),
+                                preferred_element_type=jnp.float32).astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -163,7 +166,8 @@ def dot_product_attention(q, k, v, mask, bias=None, *, scale=True, dropout_rate=
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = dropout(probs, dropout_rate, dropout_key).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    out = out.astype(v.dtype)
     return out.reshape(b, t, n, d)
 
 
