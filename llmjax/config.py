@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 32  # global, in sequences
     c.seq_len = 1024
     c.microbatches = 1  # gradient accumulation: the batch is split into this many micro-batches
+    # Decoders: the loss is computed this many positions at a time, so the float32
+    # [batch, seq_len, vocab] logits are never whole (llmjax/losses.py); 0: all at once.
+    c.loss_chunk = 0
     c.log_every_steps = 10
     c.eval_every_steps = 200
     c.eval_steps = 10  # batches per evaluation

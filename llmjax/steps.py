@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax import optim, sharding
+from llmjax.losses import chunked_cross_entropy, cross_entropy
 from llmjax.models import ModelConfig, build_model
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
@@ -116,13 +117,6 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int, target_len: int | None
                head_dim=model_cfg.head_dim, seq_len=seq_len)
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
-    """Sums (not means) so micro-batches add up to exactly the large batch's loss."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    correct = (logits.argmax(-1) == targets).astype(jnp.float32)
-    return (ce * weights).sum(), weights.sum(), (correct * weights).sum()
-
-
 def update_count(opt_state, step):
     """The updates the optimizer has applied, which is where its schedule stands: `step` less the
     skipped non-finite steps. Read from optax's own `count`; `step` when the state has none."""
@@ -165,6 +159,14 @@ def validate(config, mesh, model_cfg: ModelConfig):
             f"divisible by the {dp} data-parallel devices (mesh data x fsdp); set --config.batch_size "
             f"to a multiple of {dp * micro}.")
     task = config.data.get("task", "lm")
+    if config.loss_chunk:
+        if model_cfg.family != "decoder":
+            raise ValueError(f"loss_chunk={config.loss_chunk} applies to decoders only, not "
+                             f"model.family={model_cfg.family!r}; set --config.loss_chunk=0.")
+        if config.loss_chunk < 0 or config.seq_len % config.loss_chunk:
+            raise ValueError(f"loss_chunk={config.loss_chunk} does not divide seq_len="
+                             f"{config.seq_len}; set --config.loss_chunk to a divisor of it "
+                             "(or 0 for the whole sequence).")
     if model_cfg.family != "decoder":
         from llmjax.data.objectives import ENCODER_DECODER_OBJECTIVES
         objective = config.data.get("objective", "causal_lm")
@@ -202,6 +204,7 @@ def build(config, mesh) -> Built:
     }
     batch_sh = NamedSharding(mesh, sharding.batch_spec(mesh, rules))
     seed, micro, dropout = config.seed, config.microbatches, model_cfg.dropout_rate > 0
+    loss_chunk = config.loss_chunk
 
     def init():
         # Created inside jit with out_shardings: each device materialises only its own shards.
@@ -214,9 +217,14 @@ def build(config, mesh) -> Built:
         # Only positions with weight 1 are scored: the objective's masked/corrupted ones, so
         # "accuracy" is the masked-token accuracy for masked LM.
         model = nnx.merge(graphdef, params)
-        logits = forward(model, batch, key)
         weights = batch["weights"].astype(jnp.float32)
-        loss_sum, count, correct = cross_entropy(logits, batch["targets"], weights)
+        if loss_chunk:  # the [batch, length, vocab] logits are never whole (llmjax/losses.py)
+            hidden = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], key)
+            loss_sum, count, correct = chunked_cross_entropy(
+                model.head, hidden, batch["targets"], weights, loss_chunk)
+        else:
+            loss_sum, count, correct = cross_entropy(forward(model, batch, key),
+                                                     batch["targets"], weights)
         return loss_sum, (count, correct)
 
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)

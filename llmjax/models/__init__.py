@@ -37,7 +37,7 @@ class ModelConfig:
     init: str = "normal"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat_policy: str = "none"  # none | full | dots | dots_no_batch
+    remat_policy: str = "none"  # decoder.REMAT_POLICIES: none | minimal | save_qkv_proj | full | ...
     attention: str = "xla"  # xla (portable) | cudnn (fused kernel, NVIDIA GPUs, bf16/fp16)
     # Encoder and encoder-decoder families (models/encoder.py, models/encoder_decoder.py).
     num_decoder_layers: int = 0  # encoder_decoder: 0 = same as num_layers (the encoder's)

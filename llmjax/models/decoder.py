@@ -25,11 +25,23 @@ from flax import nnx
 from llmjax.models import layers as L
 from llmjax.sharding import constrain
 
+_save = jax.checkpoint_policies.save_only_these_names
+_QKV = ("query_proj", "key_proj", "value_proj")
+_MLP_IN = ("mlpwi", "mlpwi_gate")
+# What the backward pass keeps of each layer's forward (the rest is recomputed). The named ones
+# save the projections layers.py tags with `checkpoint_name` (MaxText's policy names): from most
+# memory to least, none > minimal > save_dot_except_mlpwi > save_dot_except_mlp > save_qkv_proj
+# > save_out_proj > full.
 REMAT_POLICIES = {
-    "none": None,
+    "none": None,  # keep everything
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "minimal": _save(*_QKV, "out_proj", *_MLP_IN, "mlpwo"),  # every weight matmul's output
+    "save_dot_except_mlpwi": _save(*_QKV, "context", "out_proj", "mlpwo"),
+    "save_dot_except_mlp": _save(*_QKV, "context", "out_proj"),
+    "save_qkv_proj": _save(*_QKV),
+    "save_out_proj": _save("out_proj"),
 }
 
 
@@ -93,6 +105,12 @@ class Decoder(nnx.Module):
     def __call__(self, tokens, segment_ids=None, positions=None, dropout_key=None, cache=None):
         """With a `cache` (from `init_cache`), `tokens` are written at its column `cache["index"]`
         and attend to every valid earlier column; returns (logits, updated cache)."""
+        if cache is None:
+            return self.head(self.hidden(tokens, segment_ids, positions, dropout_key))
+        segment_ids, positions, x, _ = self._embed(tokens, segment_ids, positions, None)
+        return self._decode(x, segment_ids, positions, cache)
+
+    def _embed(self, tokens, segment_ids, positions, dropout_key):
         cfg = self.cfg
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
@@ -100,14 +118,18 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         keys = (jax.random.split(dropout_key, cfg.num_layers + 1) if dropout_key is not None
                 else None)
-
         x = self.token_embed(tokens)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = L.dropout(x, cfg.dropout_rate, None if keys is None else keys[-1])
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
-        if cache is not None:
-            return self._decode(x, segment_ids, positions, cache)
+        return segment_ids, positions, x, keys
+
+    def hidden(self, tokens, segment_ids=None, positions=None, dropout_key=None):
+        """The final normalised hidden states [batch, length, d_model]: what `head` turns into
+        logits (the chunked loss applies `head` a slice of positions at a time)."""
+        cfg = self.cfg
+        segment_ids, positions, x, keys = self._embed(tokens, segment_ids, positions, dropout_key)
         mask = L.attention_mask(segment_ids, segment_ids, causal=True)
 
         graphdef, stacked = nnx.split(self.layers)
@@ -120,10 +142,10 @@ class Decoder(nnx.Module):
         if cfg.remat_policy != "none":
             block = jax.checkpoint(block, policy=policy, prevent_cse=False)
         x, _ = jax.lax.scan(block, x, (stacked, None if keys is None else keys[:-1]))
-        return self._logits(x)
+        return self.final_norm(x)
 
-    def _logits(self, x):
-        x = self.final_norm(x)
+    def head(self, x):
+        """float32 logits [..., vocab] from final hidden states."""
         if self.lm_head is None:
             logits = self.token_embed.attend(x)
         else:
@@ -149,7 +171,7 @@ class Decoder(nnx.Module):
         x, (k, v) = jax.lax.scan(block, x, (stacked, cache["k"], cache["v"]))
         new = {"k": constrain(k, STACKED_CACHE_AXES), "v": constrain(v, STACKED_CACHE_AXES),
                "index": index + t, "valid": valid}
-        return self._logits(x), new
+        return self.head(self.final_norm(x)), new
 
 
 STACKED_CACHE_AXES = (None,) + L.CACHE_AXES  # [layers, batch, length, kv_heads, head_dim]

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from llmjax.sharding import constrain
 
@@ -208,7 +209,10 @@ class Attention(nnx.Module):
         this call's tokens go. The new keys and values are written there, the queries attend over
         the whole cache (`mask` is then [b, 1, 1, t, cache_len]), and the call returns
         (out, (k, v)) instead of out."""
-        q, k, v = self.query(x), self.key(x), self.value(x)
+        # Named for the remat policies that save them (decoder.REMAT_POLICIES, MaxText's names).
+        q = checkpoint_name(self.query(x), "query_proj")
+        k = checkpoint_name(self.key(x), "key_proj")
+        v = checkpoint_name(self.value(x), "value_proj")
         if self.rope_theta is not None:
             q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
         q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"))
@@ -231,7 +235,7 @@ class Attention(nnx.Module):
         else:
             out = dot_product_attention(q, k, v, mask, dropout_rate=self.dropout_rate,
                                         dropout_key=dropout_key)
-        return self.out(out)
+        return checkpoint_name(self.out(checkpoint_name(out, "context")), "out_proj")
 
 
 # name -> (nonlinearity, gated). Gated MLPs apply it to the gate: wo(act(wi_gate x) * wi x).
@@ -263,14 +267,14 @@ class Mlp(nnx.Module):
         self.wo = Linear((f,), (d,), ("mlp", "embed"), **kw)
 
     def __call__(self, x):
-        h = self.wi(x)
+        h = checkpoint_name(self.wi(x), "mlpwi")
         act = MLP_ACTIVATIONS[self.activation][0]
         if self.wi_gate is None:
             h = act(h)
         else:
-            h = act(self.wi_gate(x)) * h
+            h = act(checkpoint_name(self.wi_gate(x), "mlpwi_gate")) * h
         h = constrain(h, ("act_batch", "act_length", "act_mlp"))
-        return self.wo(h)
+        return checkpoint_name(self.wo(h), "mlpwo")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,141 @@
+"""Every fast path gives the plain path's loss and gradients: the one-pass cross-entropy, the
+chunked loss, the named remat policies and bfloat16 compute (README "Performance")."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from llmjax import losses, sharding, steps
+from llmjax.models import ModelConfig, build_model
+from llmjax.models.decoder import REMAT_POLICIES
+from tests.helpers import synthetic_batches, tiny_config
+
+
+def test_cross_entropy_matches_optax_and_argmax():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(3, 5, 11)) * 4, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (3, 5)))
+    targets = targets.at[0, :3].set(logits[0, :3].argmax(-1))  # some correct predictions
+    weights = jnp.asarray(rng.integers(0, 2, (3, 5)), jnp.float32)
+
+    def ours(x):
+        return losses.cross_entropy(x, targets, weights)[0]
+
+    def plain(x):
+        return (optax.softmax_cross_entropy_with_integer_labels(x, targets) * weights).sum()
+
+    loss, count, correct = losses.cross_entropy(logits, targets, weights)
+    np.testing.assert_allclose(loss, plain(logits), rtol=1e-6)
+    assert count == weights.sum()
+    assert correct == ((logits.argmax(-1) == targets) * weights).sum()
+    np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(plain)(logits), atol=1e-6)
+
+
+def _model(**overrides):
+    cfg = ModelConfig(vocab_size=97, d_model=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=32,
+                      **overrides)
+    with nnx.use_eager_sharding(False):
+        model = build_model(cfg, nnx.Rngs(0))
+    return nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_loss_gives_the_same_loss_and_gradients(tied):
+    graphdef, params = _model(tie_embeddings=tied, position="rope" if not tied else "learned")
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(0, 97, (2, 16)))
+    targets = jnp.roll(tokens, -1, 1)
+    weights = jnp.asarray(rng.integers(0, 2, (2, 16)), jnp.float32)
+
+    def whole(p):
+        return losses.cross_entropy(nnx.merge(graphdef, p)(tokens), targets, weights)
+
+    def chunked(p):
+        model = nnx.merge(graphdef, p)
+        return losses.chunked_cross_entropy(model.head, model.hidden(tokens), targets, weights, 4)
+
+    want, got = whole(params), chunked(params)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    np.testing.assert_array_equal(got[1:], want[1:])
+    g_want = jax.grad(lambda p: whole(p)[0])(params)
+    g_got = jax.grad(lambda p: chunked(p)[0])(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5), g_got, g_want)
+    with pytest.raises(ValueError, match="does not divide the sequence length 16"):
+        losses.chunked_cross_entropy(nnx.merge(graphdef, params).head,
+                                     nnx.merge(graphdef, params).hidden(tokens), targets, weights, 5)
+
+
+def _train(config, devices, n=3):
+    mesh = sharding.make_mesh(config.mesh.shape, devices[:int(np.prod(config.mesh.shape))])
+    with sharding.use_mesh(mesh, config.sharding_rules):
+        built = steps.build(config, mesh)
+        state, out = built.init(), []
+        for batch in synthetic_batches(config, n):
+            state, m = built.train_step(state, sharding.global_batch(batch, built.batch_sharding))
+            out.append({k: float(v) for k, v in m.items()})
+        return out, jax.tree.map(np.asarray, state["params"])
+
+
+def test_chunked_loss_trains_like_the_whole_loss(devices):
+    base, p_base = _train(tiny_config(), devices)
+    chunked, p_chunked = _train(tiny_config(loss_chunk=4, **{"mesh.shape": (2, 2, 2)}), devices)
+    for a, b in zip(base, chunked):
+        for key in ("loss", "grad_norm", "accuracy"):
+            np.testing.assert_allclose(b[key], a[key], rtol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), p_chunked, p_base)
+
+
+def test_bad_loss_chunk_is_one_sentence(devices):
+    mesh = sharding.make_mesh((1, 1, 1), devices[:1])
+    with pytest.raises(ValueError, match="loss_chunk=5 does not divide seq_len=16"):
+        steps.validate(tiny_config(loss_chunk=5), mesh, ModelConfig.from_config(tiny_config().model))
+
+
+@pytest.mark.parametrize("policy", sorted(set(REMAT_POLICIES) - {"none"}))
+def test_every_remat_policy_gives_the_same_gradients(policy):
+    graphdef, params = _model(position="rope", norm="rmsnorm", activation="swiglu", use_bias=False,
+                              tie_embeddings=False, num_kv_heads=2)
+    remat_graphdef, _ = _model(position="rope", norm="rmsnorm", activation="swiglu",
+                               use_bias=False, tie_embeddings=False, num_kv_heads=2,
+                               remat_policy=policy)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 97, (2, 8)))
+    grads = [jax.grad(lambda p, g=g: nnx.merge(g, p)(tokens).mean())(params)
+             for g in (graphdef, remat_graphdef)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), *grads)
+
+
+def test_named_policies_save_what_they_name():
+    """What the backward pass keeps of the scanned layers (stacked [layers, batch, length, ...]),
+    beyond each layer's input (d_model): q, k, v ([.., heads, head_dim]) under `save_qkv_proj`,
+    the attention output projection under `save_out_proj`, those and the context under
+    `save_dot_except_mlp`, and under `minimal` the projections the backward pass reads (the MLP
+    output only feeds a sum, so it is not kept): the tags are where the policies look."""
+    from jax._src.ad_checkpoint import saved_residuals  # what print_saved_residuals prints
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 97, (2, 8)))
+
+    def saved(policy):
+        graphdef, params = _model(remat_policy=policy)
+        found = saved_residuals(lambda p: nnx.merge(graphdef, p)(tokens).mean(), params)
+        return sorted(a.shape[3:] for a, why in found if why.startswith("output of scan"))
+
+    heads, embed, mlp = (4, 8), (32,), (64,)
+    assert saved("full") == [embed]
+    assert saved("save_out_proj") == [embed, embed]
+    assert saved("save_qkv_proj") == [heads] * 3 + [embed]
+    assert saved("save_dot_except_mlp") == [heads] * 4 + [embed, embed]
+    assert saved("minimal") == [heads] * 3 + [embed, embed, mlp]
+
+
+def test_bfloat16_step_follows_the_float32_step(devices):
+    """bfloat16 compute (float32 parameters, optimizer state and accumulation) tracks float32:
+    same loss and gradient norm to bfloat16 precision."""
+    f32, _ = _train(tiny_config(), devices)
+    bf16, _ = _train(tiny_config(**{"model.dtype": "bfloat16"}), devices)
+    for a, b in zip(f32, bf16):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=2e-2)
+        np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=5e-2)
