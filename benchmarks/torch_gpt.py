@@ -293,7 +293,8 @@ def main(argv=None):
     step_s = times[len(times) // 2]
     tokens = shape["batch_size"] * shape["seq_len"]
     r = {"engine": f"torch {args.mode}", "torch": torch.__version__, "device": str(engine.device),
-         "threads": torch.get_num_threads(), "workload": args.workload, "params": engine.num_params(),
+         "threads": torch.get_num_threads(), "workload": args.workload,
+         "params": engine.num_params(),
          "batch_size": shape["batch_size"], "seq_len": shape["seq_len"], "dtype": args.dtype,
          "warmup_s": round(warmup_s, 2), "step_time_ms": round(1e3 * step_s, 2),
          "step_time_ms_min": round(1e3 * times[0], 2),

@@ -167,27 +167,30 @@ def torch_reference_kwargs(config) -> dict:
     other = {f"model.{k}": getattr(m, k) for k, v in GPT2_STYLE.items()
              if k != "norm_eps" and getattr(m, k) != v}
     checks = [
-        (m.family == "decoder", f"model.family={m.family!r} (it is a decoder)"),
-        (not other, f"{other} (it is GPT-2 style: {GPT2_STYLE})"),
+        (m.family == "decoder", f"model.family={m.family!r} (the reference is a decoder)"),
+        (not other, ", ".join(f"{k}={v!r}" for k, v in other.items())
+         + " (the reference has learned positions, LayerNorm, GELU, biases and a tied head)"),
         (m.num_kv_heads == m.num_heads, "grouped-query attention (num_kv_heads != num_heads)"),
         (m.head_dim * m.num_heads == m.d_model, "head_dim * num_heads != d_model"),
-        (m.dropout_rate == 0, f"model.dropout_rate={m.dropout_rate} (it has no dropout)"),
+        (m.dropout_rate == 0,
+         f"model.dropout_rate={m.dropout_rate} (the reference has no dropout)"),
         (m.param_dtype == "float32", f"model.param_dtype={m.param_dtype!r} (float32 params)"),
         (m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r} (float32 or bfloat16)"),
         (config.microbatches == 1, f"microbatches={config.microbatches} (one batch a step)"),
-        (o.get("name", "adamw") == "adamw", f"optim.name={o.get('name')!r} (it uses AdamW)"),
+        (o.get("name", "adamw") == "adamw",
+         f"optim.name={o.get('name')!r} (the reference uses AdamW)"),
         (o.get("schedule", "cosine") in ("cosine", "constant"),
          f"optim.schedule={o.get('schedule')!r} (cosine or constant)"),
         (o.get("no_decay", DEFAULT_NO_DECAY) == DEFAULT_NO_DECAY,
-         f"optim.no_decay={o.get('no_decay')!r} (it exempts {DEFAULT_NO_DECAY!r})"),
-        (not o.get("freeze", ""), "optim.freeze (it trains every parameter)"),
+         f"optim.no_decay={o.get('no_decay')!r} (the reference exempts {DEFAULT_NO_DECAY!r})"),
+        (not o.get("freeze", ""), "optim.freeze (the reference trains every parameter)"),
         (o.get("mu_dtype", None) is None, "optim.mu_dtype (float32 moments)"),
         (config.get("fault_nonfinite_steps", ()) == (), "fault_nonfinite_steps"),
     ]
     for ok, what in checks:
         if not ok:
-            raise ValueError(f"--compare=torch reproduces GPT-2-style decoders only, and this config "
-                             f"has {what}; benchmark it without --compare.")
+            raise ValueError(f"--compare=torch reproduces GPT-2-style decoders only, and this "
+                             f"config has {what}; benchmark it without --compare.")
     constant = o.get("schedule", "cosine") == "constant"
     return dict(d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads,
                 mlp_dim=m.mlp_dim, vocab_size=m.vocab_size, seq_len=config.seq_len,
@@ -222,8 +225,8 @@ def compare(config, steps: int, warmup: int, rounds: int,
     import torch
     if backend == "gpu":
         if not torch.cuda.is_available():
-            raise ValueError(f"JAX runs on the GPU but this torch ({torch.__version__}) has no CUDA; "
-                             "install a CUDA build of torch to compare on the GPU.")
+            raise ValueError(f"JAX runs on the GPU but this torch ({torch.__version__}) has no "
+                             "CUDA; install a CUDA build of torch to compare on the GPU.")
         device = "cuda"
     elif backend == "cpu":
         device = "cpu"
@@ -267,7 +270,10 @@ def compare(config, steps: int, warmup: int, rounds: int,
             "tokens_per_sec_rounds": [round(tokens / s, 1) for s in per_round]}
     ratios = {mode: round(results["llmjax"]["tokens_per_sec"]
                           / results[f"torch {mode}"]["tokens_per_sec"], 3) for mode in modes}
-    peak_torch = {f"torch {mode}": engines[f"torch {mode}"].peak_memory_bytes() for mode in modes}
+    # CUDA: torch's own peak allocation per engine; on a CPU only the process's peak RSS (all
+    # engines together) is known.
+    peak_torch = ({f"torch {mode}": engines[f"torch {mode}"].peak_memory_bytes() for mode in modes}
+                  if device == "cuda" else None)
     return {
         "compare": "torch", "device": jax.devices()[0].device_kind, "torch_device": device,
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -275,20 +281,19 @@ def compare(config, steps: int, warmup: int, rounds: int,
         "dtype": kwargs["dtype"], "rounds": rounds, "steps": steps, "engines": results,
         "ratios": ratios,
         "llmjax_peak_memory_bytes": compiled_peak_bytes(jax_engine.compiled),
-        # CUDA: torch's own peak allocation; CPU: the process's peak RSS (both engines').
-        "torch_peak_memory_bytes": peak_torch,
+        "torch_peak_memory_bytes": peak_torch, "process_peak_rss_bytes": torch_gpt.peak_rss_bytes(),
     }
 
 
 def print_compare(r: dict):
-    print(f"{r['device']} (torch {r['torch']} on {r['torch_device']}, {r['torch_threads']} threads): "
-          f"{r['params']:,} params, batch {r['batch_size']}x{r['seq_len']} {r['dtype']}, "
+    print(f"{r['device']} (torch {r['torch']} on {r['torch_device']}, {r['torch_threads']} "
+          f"threads): {r['params']:,} params, batch {r['batch_size']}x{r['seq_len']} {r['dtype']}, "
           f"{r['rounds']} alternating rounds of {r['steps']} steps")
     for name, e in r["engines"].items():
         mode = name.split(" ")[-1]
         ratio = "" if name == "llmjax" else f" | llmjax/torch {r['ratios'][mode]:.2f}x"
-        print(f"  {name:<14} warm-up {e['warmup_s']:6.1f} s | step {e['step_time_ms']:8.1f} ms | "
-              f"{e['tokens_per_sec']:>10,.0f} tokens/s{ratio}")
+        print(f"  {name:<14} compile + warm-up {e['warmup_s']:6.1f} s | "
+              f"step {e['step_time_ms']:8.1f} ms | {e['tokens_per_sec']:>10,.0f} tokens/s{ratio}")
     print(json.dumps(r))
 
 

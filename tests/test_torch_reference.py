@@ -18,6 +18,15 @@ from llmjax.models import ModelConfig  # noqa: E402
 torch_gpt = benchmark.load_torch_reference()
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Micro shapes: PyTorch's threads only spin against XLA's on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def micro_config(**model):
     c = base_config()
     c.model.update(**GPT2_STYLE)
@@ -27,6 +36,13 @@ def micro_config(**model):
     # A constant 1e-2 from the first update, so every step moves the parameters visibly.
     c.optim.update(learning_rate=1e-2, warmup_steps=0, schedule="constant")
     return c
+
+
+@pytest.fixture(scope="module")
+def float32_step():
+    """llmjax's compiled float32 step for micro_config() on one device (compiling is most of
+    this module's time)."""
+    return benchmark.LlmjaxStep(micro_config(), jax.devices()[:1])
 
 
 @pytest.mark.parametrize("shape", [
@@ -48,11 +64,15 @@ def test_same_parameter_count(shape):
 # the loss and ~5e-3 in the gradient norm.
 @pytest.mark.parametrize("dtype,loss_rtol,norm_rtol", [("float32", 1e-5, 1e-5),
                                                        ("bfloat16", 1e-3, 2e-2)])
-def test_same_steps_from_llmjax_params(dtype, loss_rtol, norm_rtol):
+def test_same_steps_from_llmjax_params(dtype, loss_rtol, norm_rtol, float32_step):
     """llmjax's initial parameters in the torch model: three train steps give the same loss and
     pre-clip gradient norm (steps 2 and 3 after clipped AdamW updates with weight decay)."""
     config = micro_config(dtype=dtype)
-    ours = benchmark.LlmjaxStep(config, jax.devices()[:1])
+    if dtype == "float32":
+        ours = float32_step
+        ours.state = ours.built.init()  # fresh parameters and optimizer state
+    else:
+        ours = benchmark.LlmjaxStep(config, jax.devices()[:1])
     params = jax.tree.map(np.asarray, ours.state["params"])
     ref = torch_gpt.TorchGPT(**benchmark.torch_reference_kwargs(config), device="cpu")
     ref.load_llmjax_params(params)
@@ -68,8 +88,10 @@ def test_same_steps_from_llmjax_params(dtype, loss_rtol, norm_rtol):
         assert float(m["grad_norm"]) > 1.0  # clipping was exercised
 
 
-def test_compare_runs_and_returns_ratios():
+def test_compare_runs_and_returns_ratios(float32_step, monkeypatch):
     config = micro_config()
+    # The llmjax step compiled once for the module (compare() builds its own otherwise).
+    monkeypatch.setattr(benchmark, "LlmjaxStep", lambda config, devices=None: float32_step)
     r = benchmark.compare(config, steps=1, warmup=1, rounds=1, torch_modes=["eager"])
     assert set(r["engines"]) == {"llmjax", "torch eager"}
     assert r["ratios"]["eager"] > 0
