@@ -8,13 +8,24 @@ Train (a TPU VM or GPU node; the mesh fills the devices, data-parallel first):
 On a laptop CPU, the same architecture shrunk to run in minutes:
     python -m llmjax.main --config=configs/gpt_small.py:runlocal --workdir=/tmp/gpt_small_local
 OpenWebText-scale corpora reach val loss ~2.9 after ~600k steps of 0.5M tokens; on the stdlib corpus :runlocal reaches eval loss ~2 in minutes
+
+Benchmark the train step against the PyTorch reference of the same shape (benchmarks/torch_gpt.py;
+eager and torch.compile, alternating rounds in one process, ratio llmjax/torch; README "Speed"):
+    python -m llmjax.benchmark --config=configs/gpt_small.py:bench_tiny --compare=torch
+    python -m llmjax.benchmark --config=configs/gpt_small.py:bench_tiny --compare=torch \
+        --config.model.dtype=bfloat16
+    python -m llmjax.benchmark --config=configs/gpt_small.py --compare=torch --config.batch_size=4
+    python -m llmjax.benchmark --config=configs/gpt_small.py --compare=torch --config.batch_size=4 \
+        --config.model.dtype=bfloat16
+:bench_tiny is a 5.3M-parameter GPT-2 (4 layers, d_model 256, 4 heads, MLP 1024, vocabulary
+8192) on batches of 8 x 256 tokens, float32.
 """
 
 from llmjax.config import GPT2_STYLE, base_config, gpt2_recipe, parse_arg, runlocal
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, runlocal=False)
+    arg = parse_arg(arg, runlocal=False, bench_tiny=False)
     c = base_config()
     c.model.update(
         **GPT2_STYLE,
@@ -28,4 +39,8 @@ def get_config(arg=None):
     gpt2_recipe(c, learning_rate=0.0006)
     if arg.runlocal:
         runlocal(c)
+    if arg.bench_tiny:  # the small benchmark workload (see the docstring)
+        c.model.update(d_model=256, num_layers=4, num_heads=4, mlp_dim=1024, vocab_size=8192,
+                       max_len=256, dtype="float32", remat_policy="none")
+        c.seq_len, c.batch_size = 256, 8
     return c
