@@ -108,7 +108,9 @@ class Decoder(nnx.Module):
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         if cache is not None:
             return self._decode(x, segment_ids, positions, cache)
-        mask = L.attention_mask(segment_ids, segment_ids, causal=True)
+        # Splash builds its causal mask from the segment ids inside the kernel.
+        mask = (segment_ids if cfg.attention == "splash"
+                else L.attention_mask(segment_ids, segment_ids, causal=True))
 
         graphdef, stacked = nnx.split(self.layers)
 

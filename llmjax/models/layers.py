@@ -203,7 +203,8 @@ class Attention(nnx.Module):
         [batch, cache_len, kv_heads, head_dim] keys and values so far and `index` the column where
         this call's tokens go. The new keys and values are written there, the queries attend over
         the whole cache (`mask` is then [b, 1, 1, t, cache_len]), and the call returns
-        (out, (k, v)) instead of out."""
+        (out, (k, v)) instead of out. Without a cache and under implementation 'splash', `mask` is
+        the [b, t] segment ids instead (the kernel applies them and the causal mask itself)."""
         q, k, v = self.query(x), self.key(x), self.value(x)
         if self.rope_theta is not None:
             q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
@@ -221,7 +222,11 @@ class Attention(nnx.Module):
             # where a fused kernel saves little (a long prefill would gain from one; not done).
             out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
             return self.out(out), (k, v)
-        if self.implementation == "cudnn":
+        if self.implementation == "splash":
+            # The Pallas TPU kernel (models/splash.py); here `mask` is the [b, t] segment ids.
+            from llmjax.models.splash import splash_attention
+            out = splash_attention(q, k, v, mask)
+        elif self.implementation == "cudnn":
             # cuDNN's fused (flash) kernel on NVIDIA GPUs: the [t, s] logits never reach memory.
             out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, :, 0], implementation="cudnn")
         else:
