@@ -229,7 +229,7 @@ class Attention(nnx.Module):
         elif self.implementation == "cudnn":
             # cuDNN's fused (flash) kernel on NVIDIA GPUs: the [t, s] logits never reach memory.
             out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, :, 0], implementation="cudnn")
-        else:
+        else:  # 'xla', or an 'auto' that nothing resolved (models/__init__.resolve_attention)
             out = dot_product_attention(q, k, v, mask, dropout_rate=self.dropout_rate,
                                         dropout_key=dropout_key)
         return self.out(out)
