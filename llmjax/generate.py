@@ -281,13 +281,14 @@ def load_run(workdir: str, mesh_shape=(-1, 1, 1)) -> Run:
     from llmjax import sharding, steps
     from llmjax.checkpoint import restore_params, saved_config
     from llmjax.data.tokenizer import Tokenizer
-    from llmjax.models import ModelConfig
+    from llmjax.models import ModelConfig, resolve_attention
 
     saved, _ = saved_config(workdir)
     config = ml_collections.ConfigDict(saved)
-    model_cfg = ModelConfig.from_config(config.model)
     rules = sharding.rules_from_config(config.get("sharding_rules", sharding.DEFAULT_RULES))
     mesh = sharding.make_mesh(mesh_shape)
+    model_cfg = resolve_attention(ModelConfig.from_config(config.model),
+                                  mesh.devices.flat[0].platform, config.get("seq_len"))
     graphdef, abstract = steps.abstract_model(model_cfg)
     with nnx.logical_axis_rules(rules):
         shardings = sharding.param_shardings(abstract, mesh, rules)

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax import optim, sharding
 from llmjax.losses import chunked_cross_entropy, cross_entropy
-from llmjax.models import ModelConfig, build_model
+from llmjax.models import ModelConfig, build_model, resolve_attention
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 # Encoder-decoders add the decoder side; targets and weights are then decoder-length.
@@ -188,7 +188,9 @@ def validate(config, mesh, model_cfg: ModelConfig):
 
 def build(config, mesh) -> Built:
     rules = sharding.rules_from_config(config.sharding_rules)
-    model_cfg = ModelConfig.from_config(config.model)
+    # model.attention='auto' picks the kernel for the mesh's devices (TPU in an AOT compile too).
+    model_cfg = resolve_attention(ModelConfig.from_config(config.model),
+                                  mesh.devices.flat[0].platform, config.seq_len)
     validate(config, mesh, model_cfg)
     graphdef, abs_state = abstract_model(model_cfg)
     with nnx.logical_axis_rules(rules):

@@ -87,6 +87,11 @@ ROWS = {
     "d_model not divisible by heads": ({"model.d_model": 30}, "model.d_model=30 is not divisible"),
     "heads not divisible by kv heads": ({"model.num_kv_heads": 3},
                                         "model.num_heads=8 is not divisible by model.num_kv_heads=3"),
+    "splash with a sequence not a multiple of 128": ({"model.attention": "splash"},
+                                                     "attention='splash' needs a sequence length"),
+    "splash with dropout": ({"model.attention": "splash", "model.dropout_rate": 0.1},
+                            "attention='splash' has no attention dropout"),
+    "cudnn in float32": ({"model.attention": "cudnn"}, "attention='cudnn' needs model.dtype"),
     # Config against the devices.
     "mesh needs more devices": ({"mesh.shape": (16, 1, 1)}, "needs 16 devices but 8 are available"),
     "mesh with two -1": ({"mesh.shape": (-1, -1, 1)}, "has more than one -1"),

@@ -8,6 +8,7 @@ from typing import Any
 from flax import nnx
 
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
+ATTENTIONS = ("auto", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +38,11 @@ class ModelConfig:
     init: str = "normal"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat_policy: str = "none"  # decoder.REMAT_POLICIES: none | minimal | save_qkv_proj | full | ...
-    attention: str = "xla"  # xla (portable) | cudnn (fused kernel, NVIDIA GPUs, bf16/fp16)
+    remat_policy: str = "none"  # decoder.REMAT_POLICIES: none | minimal | save_qkv_proj | full
+    # auto: resolved per platform by resolve_attention (splash on TPU, cudnn on GPU where it
+    # applies, else xla) | xla (portable) | cudnn (fused kernel, NVIDIA GPUs, bf16/fp16) |
+    # splash (Pallas TPU flash kernel, decoder; Pallas interpret mode elsewhere, for tests)
+    attention: str = "auto"
     # Encoder and encoder-decoder families (models/encoder.py, models/encoder_decoder.py).
     num_decoder_layers: int = 0  # encoder_decoder: 0 = same as num_layers (the encoder's)
     relative_attention_num_buckets: int = 32  # position='relative' (T5): buckets per stack
@@ -86,13 +90,16 @@ class ModelConfig:
                              ("activation", ("gelu", "swiglu", "gelu_exact", "relu", "gated_gelu")),
                              ("dtype", ("float32", "bfloat16", "float16")),
                              ("param_dtype", ("float32", "bfloat16")),
-                             ("attention", ("xla", "cudnn")),
+                             ("attention", ATTENTIONS),
                              ("init", ("normal", "t5"))):
             if getattr(self, key) not in choices:
                 raise ValueError(f"model.{key}={getattr(self, key)!r} is not one of {choices}.")
         if self.attention == "cudnn" and (self.dropout_rate > 0 or self.dtype == "float32"):
             raise ValueError("model.attention='cudnn' needs model.dtype bfloat16 or float16 and "
                              "model.dropout_rate=0; use model.attention='xla' otherwise.")
+        if self.attention == "splash" and self.dropout_rate > 0:
+            from llmjax.models.splash import unsupported_reason
+            raise ValueError(unsupported_reason(dropout_rate=self.dropout_rate))
         if self.family not in FAMILIES:
             raise ValueError(f"model.family={self.family!r} is not one of {FAMILIES}.")
         self._validate_family()
@@ -128,8 +135,9 @@ class ModelConfig:
         if self.num_kv_heads != self.num_heads:
             raise ValueError(f"model.family={fam!r} uses multi-head attention: set model.num_kv_heads "
                              f"to 0 or {self.num_heads}.")
-        if self.attention != "xla":
-            raise ValueError(f"model.family={fam!r} supports model.attention='xla' only.")
+        if self.attention not in ("xla", "auto"):
+            raise ValueError(f"model.family={fam!r} supports model.attention='xla' (or 'auto') only; "
+                             f"{self.attention!r} is for the causal decoder.")
         if self.post_norm and self.norm != "layernorm":
             raise ValueError("model.post_norm=True (BERT, BART) needs model.norm='layernorm'.")
         if self.position == "relative" and self.relative_attention_num_buckets < 2:
@@ -138,6 +146,31 @@ class ModelConfig:
     @property
     def decoder_layers(self) -> int:
         return self.num_decoder_layers or self.num_layers
+
+
+def resolve_attention(cfg: ModelConfig, platform: str, seq_len: int | None = None) -> ModelConfig:
+    """`cfg` with model.attention='auto' replaced by the implementation for `platform` (the
+    platform of the devices the model will run on, e.g. `mesh.devices.flat[0].platform`: a TPU
+    compiled ahead of time from a CPU host is 'tpu'). A decoder without dropout gets 'splash' on
+    TPU (when `seq_len`, if given, is a multiple of 128) and 'cudnn' on NVIDIA GPUs in bfloat16 or
+    float16 with a head_dim cuDNN's flash kernel takes (a multiple of 8, at most 128); everything
+    else 'xla'. An explicit choice is returned as it is (validated when the config was made; an
+    explicit 'splash' also against `seq_len`)."""
+    if cfg.attention == "splash" and seq_len is not None:
+        from llmjax.models.splash import unsupported_reason
+        reason = unsupported_reason(seq_len)
+        if reason:
+            raise ValueError(reason)
+    if cfg.attention != "auto":
+        return cfg
+    choice = "xla"
+    if cfg.family == "decoder" and cfg.dropout_rate == 0:
+        if platform == "tpu" and (seq_len is None or seq_len % 128 == 0):
+            choice = "splash"
+        elif (platform in ("gpu", "cuda") and cfg.dtype in ("bfloat16", "float16")
+              and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128):
+            choice = "cudnn"
+    return dataclasses.replace(cfg, attention=choice)
 
 
 def build_model(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:

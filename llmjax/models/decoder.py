@@ -130,7 +130,9 @@ class Decoder(nnx.Module):
         logits (the chunked loss applies `head` a slice of positions at a time)."""
         cfg = self.cfg
         segment_ids, positions, x, keys = self._embed(tokens, segment_ids, positions, dropout_key)
-        mask = L.attention_mask(segment_ids, segment_ids, causal=True)
+        # Splash builds its causal mask from the segment ids inside the kernel.
+        mask = (segment_ids if cfg.attention == "splash"
+                else L.attention_mask(segment_ids, segment_ids, causal=True))
 
         graphdef, stacked = nnx.split(self.layers)
 

@@ -208,7 +208,8 @@ class Attention(nnx.Module):
         [batch, cache_len, kv_heads, head_dim] keys and values so far and `index` the column where
         this call's tokens go. The new keys and values are written there, the queries attend over
         the whole cache (`mask` is then [b, 1, 1, t, cache_len]), and the call returns
-        (out, (k, v)) instead of out."""
+        (out, (k, v)) instead of out. Without a cache and under implementation 'splash', `mask` is
+        the [b, t] segment ids instead (the kernel applies them and the causal mask itself)."""
         # Named for the remat policies that save them (decoder.REMAT_POLICIES, MaxText's names).
         q = checkpoint_name(self.query(x), "query_proj")
         k = checkpoint_name(self.key(x), "key_proj")
@@ -229,10 +230,14 @@ class Attention(nnx.Module):
             # where a fused kernel saves little (a long prefill would gain from one; not done).
             out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
             return self.out(out), (k, v)
-        if self.implementation == "cudnn":
+        if self.implementation == "splash":
+            # The Pallas TPU kernel (models/splash.py); here `mask` is the [b, t] segment ids.
+            from llmjax.models.splash import splash_attention
+            out = splash_attention(q, k, v, mask)
+        elif self.implementation == "cudnn":
             # cuDNN's fused (flash) kernel on NVIDIA GPUs: the [t, s] logits never reach memory.
             out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, :, 0], implementation="cudnn")
-        else:
+        else:  # 'xla', or an 'auto' that nothing resolved (models/__init__.resolve_attention)
             out = dot_product_attention(q, k, v, mask, dropout_rate=self.dropout_rate,
                                         dropout_key=dropout_key)
         return checkpoint_name(self.out(checkpoint_name(out, "context")), "out_proj")
