@@ -19,6 +19,8 @@ def fail(message: str, code: int = 2):
 
 def parse_flags(argv):
     """absl flag parsing with one-line errors instead of tracebacks (pass to app.run)."""
+    from llmjax import xla_flags  # before any JAX backend starts
+    xla_flags.apply()
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

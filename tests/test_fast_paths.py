@@ -139,3 +139,26 @@ def test_bfloat16_step_follows_the_float32_step(devices):
     for a, b in zip(f32, bf16):
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=2e-2)
         np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=5e-2)
+
+
+def test_xla_flags_are_known_and_the_environment_wins():
+    """Every default flag is one this jaxlib knows (an unknown flag aborts JAX at start-up), and
+    a flag the user already set keeps the user's value."""
+    import os
+    import subprocess
+    import sys
+
+    from llmjax import xla_flags
+    merged = xla_flags.with_defaults("--xla_gpu_enable_latency_hiding_scheduler=false --foo=1")
+    assert "--xla_gpu_enable_latency_hiding_scheduler=false" in merged
+    assert merged.count("xla_gpu_enable_latency_hiding_scheduler") == 1
+    assert "--xla_gpu_enable_pipelined_all_gather=true" in merged
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    code = ("from llmjax import xla_flags; xla_flags.apply(); import jax, jax.numpy as jnp; "
+            "print(float(jax.jit(lambda x: x * 2)(jnp.ones(())))); "
+            "import os; print(os.environ['XLA_FLAGS'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[0] == "2.0"
+    assert "xla_gpu_enable_while_loop_double_buffering=true" in out.stdout
