@@ -162,3 +162,30 @@ def test_xla_flags_are_known_and_the_environment_wins():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[0] == "2.0"
     assert "xla_gpu_enable_while_loop_double_buffering=true" in out.stdout
+
+
+@pytest.mark.parametrize("n_in", [1, 2])
+def test_low_precision_matmuls_match_float32(n_in):
+    """The bfloat16 matmuls with float32 accumulation in all three products (forward, input and
+    kernel gradients) agree with float32 autodiff to bfloat16 precision, and the kernel gradient
+    keeps the kernel's float32."""
+    from llmjax.models.layers import low_precision_attend, low_precision_dense
+    rng = np.random.default_rng(4)
+    x_shape, k_shape, spec = {1: ((2, 5, 3), (3, 12), "bti,io->bto"),
+                              2: ((2, 5, 3, 4), (3, 4, 12), "bthk,hko->bto")}[n_in]
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.bfloat16)
+    k = jnp.asarray(rng.normal(size=k_shape), jnp.float32)
+
+    def check(ours, ref, *args):
+        got = jax.grad(lambda *a: (ours(*a).astype(jnp.float32) ** 2).sum(), (0, 1))(*args)
+        want = jax.grad(lambda *a: (ref(*a) ** 2).sum(), (0, 1))(*args)
+        assert got[1].dtype == jnp.float32 and got[0].dtype == jnp.bfloat16
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=3e-2,
+                                       atol=3e-2 * float(jnp.abs(w).max()))
+
+    check(lambda x, k: low_precision_dense(x, k, n_in),
+          lambda x, k: jnp.einsum(spec, x.astype(jnp.float32), k), x, k)
+    table = jnp.asarray(rng.normal(size=(7, x.shape[-1])), jnp.float32)
+    check(low_precision_attend, lambda x, t: jnp.einsum("...d,vd->...v", x.astype(jnp.float32), t),
+          x, table)
