@@ -70,13 +70,27 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     return shape
 
 
-def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
+def make_mesh(shape: Sequence[int], devices=None, num_slices: int = 1) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh over `devices` (default: all). With `num_slices` > 1 (TPU
+    multi-slice), `shape` describes one slice and the slices are stacked on the data axis, so
+    only data-parallel gradient reductions cross the slower data-centre network (DCN)."""
     devices = jax.devices() if devices is None else list(devices)
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    if num_slices > 1:
+        if len(devices) % num_slices:
+            raise ShardingError(f"{len(devices)} devices do not split into {num_slices} slices.")
+        ici = resolve_mesh_shape(shape, len(devices) // num_slices)
+        dcn = (num_slices,) + (1,) * (len(MESH_AXES) - 1)
+        if len({getattr(d, "slice_index", 0) for d in devices}) == num_slices:
+            from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+            grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+        else:  # devices without slice ids (fake CPU devices): consecutive blocks are the slices
+            grid = np.asarray(devices).reshape(num_slices * ici[0], *ici[1:])
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
     shape = resolve_mesh_shape(shape, len(devices))
     # Auto axes: GSPMD propagates shardings from our logical annotations (jax.make_mesh now
     # defaults to Explicit axes, which reject the embedding gather on a sharded table).
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
 def rules_from_config(rules: Any) -> tuple:
