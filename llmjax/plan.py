@@ -47,14 +47,15 @@ class Chip:
     hbm_bandwidth: float  # bytes/s of one JAX device
 
 
-# Vendor figures per JAX device (a v4/v5p chip is one device: megacore). HBM: TPUs from
-# cloud.google.com/tpu/docs/<version> (GiB), GPUs from NVIDIA's datasheets (GB). Peak FLOP/s agree
-# with metrics.PEAK_FLOPS (dense bfloat16).
+# Per JAX device (a v4/v5p chip is one device: megacore). TPU HBM: what libtpu 0.0.42's compiler
+# says is available when it refuses a program (`exceeds available HBM (95.74G)`, G = GiB), a
+# little under the nominal 32 / 16 / 95 / 32 GiB; bandwidths from cloud.google.com/tpu/docs/<v>.
+# GPUs: NVIDIA's datasheets (GB). Peak FLOP/s agree with metrics.PEAK_FLOPS (dense bfloat16).
 CHIPS = (
-    Chip("v4", ("tpu v4",), 32 * GiB, 275e12, 1228e9),
-    Chip("v5e", ("tpu v5 lite", "tpu v5e"), 16 * GiB, 197e12, 819e9),
-    Chip("v5p", ("tpu v5p", "tpu v5"), 95 * GiB, 459e12, 2765e9),
-    Chip("v6e", ("tpu v6 lite", "tpu v6e"), 32 * GiB, 918e12, 1640e9),
+    Chip("v4", ("tpu v4",), 30.75 * GiB, 275e12, 1228e9),
+    Chip("v5e", ("tpu v5 lite", "tpu v5e"), 15.75 * GiB, 197e12, 819e9),
+    Chip("v5p", ("tpu v5p", "tpu v5"), 95.74 * GiB, 459e12, 2765e9),
+    Chip("v6e", ("tpu v6 lite", "tpu v6e"), 31.25 * GiB, 918e12, 1640e9),
     Chip("a100-40gb", ("a100-sxm4-40gb", "a100-pcie-40gb", "a100 40gb"), 40e9, 312e12, 1555e9),
     Chip("a100-80gb", ("a100-sxm4-80gb", "a100 80gb", "a100"), 80e9, 312e12, 2039e9),
     Chip("h100", ("h100",), 80e9, 989e12, 3350e9),
@@ -135,6 +136,8 @@ def topology_devices(name: str, num_slices: int = 1) -> tuple[Slice, list]:
     try:
         from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
         kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+        if spec.generation == "v4":  # libtpu describes v4 with a device per core unless asked
+            kwargs["chip_config_name"] = "megacore"
         desc = topologies.get_topology_desc(platform="tpu", topology_name=spec.topology, **kwargs)
     except RuntimeError as e:
         if "TPU support not installed" in str(e):

@@ -112,3 +112,6 @@ def test_tpu_multislice_devices():
     assert spec.chips == 4 and mesh.devices.shape == (2, 2, 2)
     assert {d.slice_index for d in mesh.devices[0].flat} == {0}
     assert {d.slice_index for d in mesh.devices[1].flat} == {1}
+    # v4 as JAX uses it: one device per chip (megacore), not one per TensorCore.
+    spec, devs = plan.topology_devices("v4-8")
+    assert spec.chips == 4 and len(devs) == 4 and devs[0].device_kind == "TPU v4"
