@@ -402,6 +402,8 @@ def advice(config, p: dict, spec: Slice | None) -> list[str]:
 def _gib(x) -> str:
     if x is None:
         return "?"
+    if x < 2**20:
+        return f"{x / 2**10:,.1f} KiB"
     if x < GiB:
         return f"{x / 2**20:,.1f} MiB"
     return f"{x / GiB:,.1f} GiB"
@@ -423,7 +425,8 @@ def format_plan(p: dict) -> str:
         f"{p['family']} {p['params']:,} params, batch {p['batch_size']}x{p['seq_len']} "
         f"{p['dtype']}, remat {p['remat']}, microbatches {p['microbatches']} on {where}, "
         f"mesh {p['mesh']}",
-        f"  {'compiled' if 'argument_bytes' in p else 'refused'} in {p['compile_s']:.1f} s for {p['device_kind']}"
+        f"  {'compiled' if 'argument_bytes' in p else 'refused'} in {p['compile_s']:.1f} s "
+        f"for {p['device_kind']}"
         + (f" (judged as {p['chip']})" if p["chip"] else " (no chip to judge it against; "
            "pass --chip)"),
         "  per device:",
@@ -450,7 +453,8 @@ def format_plan(p: dict) -> str:
     lines.append(f"    formula 6N + 12LHQT x tokens     {_flops(p['formula_flops_per_step'])}")
     if "counted_flops_per_step" in p:
         lines.append(f"    XLA count, every layer           {_flops(p['counted_flops_per_step'])}"
-                     "  (1- and 2-layer unrolled lowerings extrapolated; includes remat)")
+                     "  (1- and 2-layer unrolled lowerings extrapolated; "
+                     "includes any remat recompute)")
     if "compiled_flops_per_device" in p:
         lines.append(f"    compiled cost_analysis x devices "
                      f"{_flops(p['compiled_flops_per_device'] * p['devices'])}"
