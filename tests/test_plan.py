@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(
     not HAS_LIBTPU, reason="libtpu (the TPU compiler) is not installed: pip install -r "
-    "requirements/tpu-lock.txt (scripts/test.sh installs it); it has wheels for Linux x86-64 only")
+    "requirements/tpu-lock.txt (scripts/test.sh installs it where pip can get it)")
 
 
 @pytest.mark.parametrize("name, topology, chips", [
