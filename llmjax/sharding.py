@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -82,15 +83,24 @@ def make_mesh(shape: Sequence[int], devices=None, num_slices: int = 1) -> jax.sh
         ici = resolve_mesh_shape(shape, len(devices) // num_slices)
         dcn = (num_slices,) + (1,) * (len(MESH_AXES) - 1)
         if len({getattr(d, "slice_index", 0) for d in devices}) == num_slices:
-            from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
-            grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+            try:
+                grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+            except NotImplementedError:  # see below: an axis that no torus side divides
+                grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                            allow_split_physical_axes=True)
         else:  # devices without slice ids (fake CPU devices): consecutive blocks are the slices
             grid = np.asarray(devices).reshape(num_slices * ici[0], *ici[1:])
         return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
     shape = resolve_mesh_shape(shape, len(devices))
     # Auto axes: GSPMD propagates shardings from our logical annotations (jax.make_mesh now
     # defaults to Explicit axes, which reject the embedding gather on a sharded table).
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    except NotImplementedError:
+        # A mesh axis that is no product of the torus's sides (tensor=8 on a v5p 4x4x4) needs a
+        # side split across two mesh axes: still a valid mesh, with longer paths for that axis.
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def rules_from_config(rules: Any) -> tuple:

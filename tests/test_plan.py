@@ -115,3 +115,12 @@ def test_tpu_multislice_devices():
     # v4 as JAX uses it: one device per chip (megacore), not one per TensorCore.
     spec, devs = plan.topology_devices("v4-8")
     assert spec.chips == 4 and len(devs) == 4 and devs[0].device_kind == "TPU v4"
+
+
+@needs_libtpu
+def test_mesh_axis_that_splits_a_torus_side():
+    # tensor=8 on v5p-128's 4x4x4 torus: no side is 8, so one side is split over two mesh axes.
+    _, devs = plan.topology_devices("v5p-128")
+    mesh = sharding.make_mesh((1, -1, 8), devs)
+    assert mesh.devices.shape == (1, 8, 8)
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devs)
