@@ -6,10 +6,13 @@ time, without allocating a weight, and read what the compiler says about it.
 
 What comes back, per device: parameter and optimizer-state bytes (from the shard shapes of the
 sharded abstract state), the compiler's memory analysis (arguments, outputs, aliased, temporaries,
-i.e. activations and workspace), whether the peak fits the chip's HBM, FLOPs per step three ways
+i.e. activations, gradients and workspace), whether the peak (arguments + outputs - aliased +
+temporaries) fits the chip's HBM, FLOPs per step three ways
 (the compiled program's `cost_analysis()`, which counts a scanned layer once; the same counter on
 unrolled 1- and 2-layer lowerings extrapolated to the full depth; the PaLM formula), and a
 roofline estimate of step time and MFU. When it does not fit, `advice` names config overrides.
+XLA:TPU refuses a program (in seconds) only when its temporaries alone exceed HBM; one whose
+arguments and temporaries together do compiles, and the plan says it does not fit.
 
 Slice names are Cloud TPU's accelerator types (`v5p-128`, `v5litepod-16`, `v6e-8`, `v4-32`) or the
 compiler's own `v5p:4x4x4`. Cloud names count TensorCores: v4 and v5p chips have two (one JAX
@@ -448,7 +451,12 @@ def format_plan(p: dict) -> str:
             lines.append(f"    peak (from the refusal) about {_gib(p['peak_bytes'])} of "
                          f"{_gib(p.get('compiler_hbm_bytes') or p['hbm_bytes'])} HBM")
     if p["fits"] is not None:
-        lines.append(f"  fits: {'yes' if p['fits'] else 'NO'}")
+        spare = (p["hbm_bytes"] - p["peak_bytes"]) if p.get("peak_bytes") else None
+        lines.append(f"  fits: {'yes' if p['fits'] else 'NO'}"
+                     + (f" ({_gib(spare)} to spare)" if p["fits"] and spare is not None else ""))
+        if not p["fits"] and "argument_bytes" in p and p["platform"] == "tpu":
+            lines.append("  (XLA:TPU compiled it anyway: it refuses only when the temporaries "
+                         "alone exceed HBM)")
     lines.append("  FLOPs per step (all devices):")
     lines.append(f"    formula 6N + 12LHQT x tokens     {_flops(p['formula_flops_per_step'])}")
     if "counted_flops_per_step" in p:
@@ -458,7 +466,7 @@ def format_plan(p: dict) -> str:
     if "compiled_flops_per_device" in p:
         lines.append(f"    compiled cost_analysis x devices "
                      f"{_flops(p['compiled_flops_per_device'] * p['devices'])}"
-                     "  (counts a scanned layer once: not the step's total)")
+                     "  (counts a scanned loop body once: not the step's total)")
     if "estimated_step_s" in p:
         lines.append(
             f"  ESTIMATE (roofline: no communication, perfect overlap): step >= "
