@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -70,13 +71,36 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     return shape
 
 
-def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
+def make_mesh(shape: Sequence[int], devices=None, num_slices: int = 1) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh over `devices` (default: all). With `num_slices` > 1 (TPU
+    multi-slice), `shape` describes one slice and the slices are stacked on the data axis, so
+    only data-parallel gradient reductions cross the slower data-centre network (DCN)."""
     devices = jax.devices() if devices is None else list(devices)
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    if num_slices > 1:
+        if len(devices) % num_slices:
+            raise ShardingError(f"{len(devices)} devices do not split into {num_slices} slices.")
+        ici = resolve_mesh_shape(shape, len(devices) // num_slices)
+        dcn = (num_slices,) + (1,) * (len(MESH_AXES) - 1)
+        if len({getattr(d, "slice_index", 0) for d in devices}) == num_slices:
+            try:
+                grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+            except NotImplementedError:  # see below: an axis that no torus side divides
+                grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                            allow_split_physical_axes=True)
+        else:  # devices without slice ids (fake CPU devices): consecutive blocks are the slices
+            grid = np.asarray(devices).reshape(num_slices * ici[0], *ici[1:])
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
     shape = resolve_mesh_shape(shape, len(devices))
     # Auto axes: GSPMD propagates shardings from our logical annotations (jax.make_mesh now
     # defaults to Explicit axes, which reject the embedding gather on a sharded table).
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    except NotImplementedError:
+        # A mesh axis that is no product of the torus's sides (tensor=8 on a v5p 4x4x4) needs a
+        # side split across two mesh axes: still a valid mesh, with longer paths for that axis.
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def rules_from_config(rules: Any) -> tuple:

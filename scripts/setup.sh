@@ -14,9 +14,14 @@ sys.exit(0 if sys.version_info >= (3, 11) else 1)
 PY
 
 stamp="$VENV/.llmjax-installed"
-# LLMJAX_TEST_EXTRA=1 (scripts/test.sh) adds the test extra's pinned torch (CPU) + transformers.
+# LLMJAX_TEST_EXTRA=1 (scripts/test.sh) adds the test extra's pinned torch (CPU) + transformers
+# and the tpu extra's libtpu (the tests compile for a TPU topology ahead of time);
+# LLMJAX_TPU_EXTRA=1 adds libtpu alone (a TPU VM, or planning with describe --topology).
 locks="requirements/lock.txt"
 if [ "${LLMJAX_TEST_EXTRA:-0}" = 1 ]; then locks="$locks requirements/test-lock.txt"; fi
+if [ "${LLMJAX_TEST_EXTRA:-0}" = 1 ] || [ "${LLMJAX_TPU_EXTRA:-0}" = 1 ]; then
+  locks="$locks requirements/tpu-lock.txt"
+fi
 want="$(cat $locks pyproject.toml | cksum)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
@@ -27,5 +32,8 @@ echo "setting up $VENV (pinned dependencies from requirements/lock.txt) ..." >&2
 if [ "${LLMJAX_TEST_EXTRA:-0}" = 1 ]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements/test-lock.txt
 fi
+case " $locks " in *tpu-lock.txt*)
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements/tpu-lock.txt ;;
+esac
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
 echo "$want" > "$stamp"
