@@ -31,6 +31,8 @@ DEVICES = flags.DEFINE_integer("devices", None, "Compile over this many fake CPU
                                "of a TPU slice.")
 CHIP = flags.DEFINE_string("chip", None, "Judge memory and speed against this chip (v4, v5e, v5p, "
                            "v6e, a100-40gb, a100-80gb, h100, h200); default: the devices' own.")
+MAX_BATCH = flags.DEFINE_bool("max_batch", False, "With --topology or --devices: find the largest "
+                                "global batch_size that fits the chip (one compile per probe).")
 FLOPS = flags.DEFINE_bool("count_layer_flops", True, "Also count every layer's FLOPs with XLA "
                           "(two extra lowerings, no compile).")
 
@@ -76,6 +78,12 @@ def main(argv):
             if len(devices) != DEVICES.value:
                 cli.fail(f"--devices={DEVICES.value} asked for fake CPU devices, but JAX started "
                          f"with {len(devices)} (its CPU backend was initialised before the flag).")
+        if MAX_BATCH.value:
+            found = plan.largest_batch(config, devices=devices, topology=TOPOLOGY.value,
+                                       num_slices=NUM_SLICES.value, chip=CHIP.value)
+            print(plan.format_largest_batch(found))
+            print(json.dumps(found))
+            return
         result = plan.plan(config, devices=devices, topology=TOPOLOGY.value,
                            num_slices=NUM_SLICES.value, chip=CHIP.value,
                            count_layers=FLOPS.value)

@@ -337,6 +337,57 @@ def plan(config, *, devices: Sequence | None = None, topology: str | None = None
     return out
 
 
+def largest_batch(config, *, limit: int = 1 << 16, budget_bytes: float | None = None,
+                  **plan_kwargs) -> dict:
+    """The largest global batch_size whose compiled step fits the chip's HBM (or `budget_bytes`),
+    everything else as configured: doubles the batch from one row per data-parallel device and
+    micro-batch until a plan does not fit (or `limit`), then bisects between the last fit and the
+    first miss. Each probe is one compile (`plan`, without the FLOPs count). Returns
+    {"batch_size": the largest that fits (0: not even the smallest), "unit", "budget_bytes",
+    "probes": [{"batch_size", "peak_bytes", "fits"}, ...]}."""
+    from llmjax import sharding  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+
+    devices = plan_kwargs.pop("devices", None)
+    topology, num_slices = plan_kwargs.get("topology"), plan_kwargs.get("num_slices", 1)
+    if topology:
+        _, devices = topology_devices(topology, num_slices)
+    devices = list(devices if devices is not None else jax.devices())
+    mesh = sharding.make_mesh(config.mesh.shape, devices, num_slices=num_slices)
+    rules = tuple(sharding.rules_from_config(config.sharding_rules))
+    unit = sharding.data_parallel_size(mesh, rules) * config.microbatches
+    probes: list[dict] = []
+
+    def fits(rows: int) -> bool:
+        p = plan(_with_overrides(config, batch_size=rows), count_layers=False,
+                 devices=None if topology else devices, **plan_kwargs)
+        budget = budget_bytes if budget_bytes is not None else p["hbm_bytes"]
+        if budget is None:
+            raise PlanError("the largest batch needs a memory size: give --chip (or a budget).")
+        ok = bool(p.get("peak_bytes") is not None and p["peak_bytes"] <= budget)
+        probes.append({"batch_size": rows, "peak_bytes": p.get("peak_bytes"), "fits": ok,
+                       "budget_bytes": budget})
+        return ok
+
+    good, bad = 0, None
+    rows = unit
+    while rows <= limit:
+        if not fits(rows):
+            bad = rows
+            break
+        good, rows = rows, rows * 2
+    if bad is not None and good:
+        while bad - good > unit:  # both multiples of unit
+            mid = (good + bad) // 2 // unit * unit
+            if fits(mid):
+                good = mid
+            else:
+                bad = mid
+    return {"batch_size": good, "unit": unit, "limit": limit,
+            "budget_bytes": probes[-1]["budget_bytes"] if probes else budget_bytes,
+            "probes": probes}
+
+
 def roofline(p: dict, hw: Chip) -> dict:
     """Step time >= max(FLOPs / peak, HBM bytes / bandwidth) per device: no communication, perfect
     overlap, so a lower bound on time and an upper bound on MFU."""
@@ -475,4 +526,18 @@ def format_plan(p: dict) -> str:
     if p["advice"]:
         lines.append("  it does not fit; change one of:")
         lines += [f"    - {tip}" for tip in p["advice"]]
+    return "\n".join(lines)
+
+
+def format_largest_batch(found: dict) -> str:
+    lines = [f"  batch_size {p['batch_size']:>6}: peak {_gib(p['peak_bytes'])} of "
+             f"{_gib(p['budget_bytes'])} -> {'fits' if p['fits'] else 'does not fit'}"
+             for p in found["probes"]]
+    if found["batch_size"]:
+        lines.append(f"largest global batch_size that fits: {found['batch_size']} (a multiple of "
+                     f"{found['unit']}, the data-parallel devices x micro-batches); train with "
+                     f"--config.batch_size={found['batch_size']}")
+    else:
+        lines.append(f"not even batch_size {found['unit']} fits: see the plan's advice "
+                     "(describe without --max_batch) for remat, fsdp or a bigger slice")
     return "\n".join(lines)

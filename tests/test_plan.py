@@ -124,3 +124,17 @@ def test_mesh_axis_that_splits_a_torus_side():
     mesh = sharding.make_mesh((1, -1, 8), devs)
     assert mesh.devices.shape == (1, 8, 8)
     assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devs)
+
+
+def test_largest_batch_is_the_last_that_fits_the_budget(devices):
+    """The search's answer fits and one more data-parallel unit does not, judged by the compiled
+    step's own peak against a memory budget (here between two batch sizes' peaks)."""
+    config = tiny_config(**{"mesh.shape": (2, 2, 2)})
+    peak = lambda b: plan.plan(plan._with_overrides(config, batch_size=b), devices=devices,
+                               chip="h100", count_layers=False)["peak_bytes"]
+    budget = (peak(24) + peak(28)) / 2
+    found = plan.largest_batch(config, devices=devices, chip="h100", budget_bytes=budget)
+    assert found["unit"] == 4 and found["batch_size"] == 24
+    assert all(p["fits"] == (p["peak_bytes"] <= budget) for p in found["probes"])
+    assert {24, 28} <= {p["batch_size"] for p in found["probes"]}
+    assert "train with --config.batch_size=24" in plan.format_largest_batch(found)
