@@ -20,7 +20,7 @@ Planned for TPU v5p ahead of time (`python -m llmjax.describe --config=configs/g
   31.3 + 64.1 = 95.4 GiB, 0.3 GiB to spare (118 s; 32 micro-batches there need 118 GiB).
 """
 
-from llmjax.config import GPT2_STYLE, base_config, parse_arg, runlocal
+from llmjax.config import GPT2_STYLE, base_config, gpt3_recipe, parse_arg, runlocal
 
 
 def get_config(arg=None):
@@ -34,14 +34,8 @@ def get_config(arg=None):
         num_heads=96,
         mlp_dim=49152,
         max_len=2048,
-        dtype="bfloat16",
-        remat_policy="full",
     )
-    c.seq_len = 2048
-    c.batch_size = 1536  # 3.2M tokens, as the paper
-    c.total_steps = 95_000
-    c.mesh.shape = (1, -1, 8)
-    c.optim.update(learning_rate=0.6e-4, warmup_steps=375, schedule="cosine", weight_decay=0.1)
+    gpt3_recipe(c)  # GPT-3 175B's batch, schedule, remat and mesh
     if arg.runlocal:
         runlocal(c)
     return c

@@ -27,7 +27,7 @@ Planned for TPU v5p ahead of time (libtpu 0.0.42.1's compiler on a CPU machine, 
   96), it needs less activation memory at the same batch.
 """
 
-from llmjax.config import GPT2_STYLE, base_config, parse_arg, runlocal
+from llmjax.config import GPT2_STYLE, base_config, gpt3_recipe, parse_arg, runlocal
 
 
 def get_config(arg=None):
@@ -41,14 +41,8 @@ def get_config(arg=None):
         num_heads=96,
         mlp_dim=4 * 13824,
         max_len=2048,
-        dtype="bfloat16",
-        remat_policy="full",
     )
-    c.seq_len = 2048
-    c.batch_size = 1536
-    c.total_steps = 95_000
-    c.mesh.shape = (1, -1, 8)
-    c.optim.update(learning_rate=0.6e-4, warmup_steps=375, schedule="cosine", weight_decay=0.1)
+    gpt3_recipe(c)  # GPT-3 175B's batch, schedule, remat and mesh
     if arg.runlocal:
         runlocal(c)
     return c

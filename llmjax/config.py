@@ -31,6 +31,36 @@ def gpt2_recipe(c: ml_collections.ConfigDict, *, learning_rate: float) -> None:
                    weight_decay=0.1)
 
 
+def gpt3_recipe(c: ml_collections.ConfigDict) -> None:
+    """GPT-3 175B's recipe (Brown et al. 2020, table 2.1): 3.2M tokens a step (1536 x 2048),
+    lr 0.6e-4 cosine after 375 warmup steps; bfloat16 compute, full remat, FSDP over the slice and
+    tensor parallelism over 8 devices (a host)."""
+    c.model.update(dtype="bfloat16", remat_policy="full")
+    c.seq_len = 2048
+    c.batch_size = 1536
+    c.total_steps = 95_000
+    c.mesh.shape = (1, -1, 8)
+    c.optim.update(learning_rate=0.6e-4, warmup_steps=375, schedule="cosine", weight_decay=0.1)
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """Sets dotted keys ("optim.learning_rate") of `c` in place, as --config.key=value would."""
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return c
+
+
+def with_overrides(c: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+    """An unlocked copy of `c` with dotted keys set (`c` itself is left as it is)."""
+    copy = c.copy_and_resolve_references()
+    copy.unlock()
+    return apply_overrides(copy, overrides)
+
+
 def llama_recipe(c: ml_collections.ConfigDict, *, context: int, learning_rate: float) -> None:
     """The LLaMA papers' recipe: 4M tokens a step, AdamW (b2 0.95, eps 1e-5, wd 0.1), cosine
     after 2000 warmup steps; bfloat16 compute, full remat and FSDP over every device."""

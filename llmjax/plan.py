@@ -30,6 +30,8 @@ import time
 from typing import Any, Sequence
 from unittest import mock
 
+from llmjax.config import with_overrides
+
 GiB = 2**30
 
 
@@ -190,18 +192,6 @@ def _parse_oom(message: str) -> dict:
     return {}
 
 
-def _with_overrides(config, **values):
-    c = config.copy_and_resolve_references()
-    c.unlock()
-    for dotted, value in values.items():
-        node = c
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
-
-
 def layer_flops(config) -> dict:
     """FLOPs of one whole train step (all devices), counted by XLA's HLO cost analysis with every
     layer counted: `cost_analysis()` counts a scanned (while-loop) body once, so this lowers (no
@@ -223,7 +213,7 @@ def layer_flops(config) -> dict:
                      "batch_size": config.batch_size // micro, "mesh.shape": (1, 1, 1)}
         if decoder_layers is not None:
             overrides["model.num_decoder_layers"] = decoder_layers
-        c = _with_overrides(config, **overrides)
+        c = with_overrides(config, **overrides)
         built = steps.build(c, mesh)
         with mock.patch.object(jax.lax, "scan", functools.partial(scan, unroll=True)), \
                 sharding.use_mesh(mesh, c.sharding_rules):
@@ -359,7 +349,7 @@ def largest_batch(config, *, limit: int = 1 << 16, budget_bytes: float | None = 
     probes: list[dict] = []
 
     def fits(rows: int) -> bool:
-        p = plan(_with_overrides(config, batch_size=rows), count_layers=False,
+        p = plan(with_overrides(config, batch_size=rows), count_layers=False,
                  devices=None if topology else devices, **plan_kwargs)
         budget = budget_bytes if budget_bytes is not None else p["hbm_bytes"]
         if budget is None:

@@ -2,18 +2,7 @@
 
 import numpy as np
 
-from llmjax.config import base_config
-
-
-def apply_overrides(c, overrides):
-    """Sets dotted keys ("optim.learning_rate") of a ConfigDict, as --config.key=value would."""
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+from llmjax.config import apply_overrides, base_config  # noqa: F401  (tests import it from here)
 
 
 def tiny_config(style="gpt", **overrides):

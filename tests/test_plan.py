@@ -130,7 +130,7 @@ def test_largest_batch_is_the_last_that_fits_the_budget(devices):
     """The search's answer fits and one more data-parallel unit does not, judged by the compiled
     step's own peak against a memory budget (here between two batch sizes' peaks)."""
     config = tiny_config(**{"mesh.shape": (2, 2, 2)})
-    peak = lambda b: plan.plan(plan._with_overrides(config, batch_size=b), devices=devices,
+    peak = lambda b: plan.plan(plan.with_overrides(config, batch_size=b), devices=devices,
                                chip="h100", count_layers=False)["peak_bytes"]
     budget = (peak(24) + peak(28)) / 2
     found = plan.largest_batch(config, devices=devices, chip="h100", budget_bytes=budget)
