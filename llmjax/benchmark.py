@@ -62,7 +62,7 @@ class LlmjaxStep:
 
         jax.config.update("jax_threefry_partitionable", True)
         self.config = config
-        self.mesh = sharding.make_mesh(config.mesh.shape, devices)
+        self.mesh = sharding.mesh_from_config(config, devices)
         with sharding.use_mesh(self.mesh, config.sharding_rules):
             self.built = built = steps_lib.build(config, self.mesh)
             self.state = built.init()

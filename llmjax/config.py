@@ -159,6 +159,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.target_len = 0  # seq2seq: decoder length (0: seq_len)
 
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor)
+    # Multi-slice (TPU slices over DCN) or multi-node GPU: how the slices / nodes lay out over the
+    # same axes; mesh.shape is then one slice. (2, 1, 1): data parallel over two slices.
+    c.mesh.dcn_shape = (1, 1, 1)
     c.sharding_rules = DEFAULT_RULES
 
     c.sample = ml_collections.ConfigDict(dict(prompt="def", max_new_tokens=64, temperature=0.8,

@@ -252,7 +252,7 @@ def plan(config, *, devices: Sequence | None = None, topology: str | None = None
     if chip and hw is None:
         raise PlanError(f"--chip={chip!r} is not in the chip table; use one of "
                         f"{', '.join(c.name for c in CHIPS)}.")
-    mesh = sharding.make_mesh(config.mesh.shape, devices, num_slices=num_slices)
+    mesh = sharding.mesh_from_config(config, devices, num_slices=num_slices)
     # Built outside the mesh context: optax.tree_map_params runs tx.init eagerly, which cannot run
     # on compile-only TPU devices.
     built = steps.build(config, mesh)
@@ -343,7 +343,7 @@ def largest_batch(config, *, limit: int = 1 << 16, budget_bytes: float | None = 
     if topology:
         _, devices = topology_devices(topology, num_slices)
     devices = list(devices if devices is not None else jax.devices())
-    mesh = sharding.make_mesh(config.mesh.shape, devices, num_slices=num_slices)
+    mesh = sharding.mesh_from_config(config, devices, num_slices=num_slices)
     rules = tuple(sharding.rules_from_config(config.sharding_rules))
     unit = sharding.data_parallel_size(mesh, rules) * config.microbatches
     probes: list[dict] = []

@@ -71,25 +71,66 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     return shape
 
 
-def make_mesh(shape: Sequence[int], devices=None, num_slices: int = 1) -> jax.sharding.Mesh:
-    """The (data, fsdp, tensor) mesh over `devices` (default: all). With `num_slices` > 1 (TPU
-    multi-slice), `shape` describes one slice and the slices are stacked on the data axis, so
-    only data-parallel gradient reductions cross the slower data-centre network (DCN)."""
+def resolve_dcn_shape(dcn_shape: Sequence[int] | None, num_granules: int | None) -> tuple[int, ...]:
+    """The mesh over slices (TPU multi-slice) or hosts (GPU nodes): one entry per mesh axis, at
+    most one -1 (all the slices / processes there are). (1, 1, 1): a single slice."""
+    dcn = tuple(int(s) for s in (dcn_shape or (1,) * len(MESH_AXES)))
+    if len(dcn) != len(MESH_AXES) or dcn.count(-1) > 1 or any(s == 0 or s < -1 for s in dcn):
+        raise ShardingError(f"mesh.dcn_shape {dcn} must have {len(MESH_AXES)} positive entries (one "
+                            f"may be -1), one per axis {MESH_AXES}, e.g. (2, 1, 1) for two slices.")
+    if -1 in dcn:
+        if not num_granules:
+            raise ShardingError(f"mesh.dcn_shape {dcn} has a -1 but these devices carry no slice "
+                                f"ids; give the number of slices instead of -1.")
+        return resolve_mesh_shape(dcn, num_granules)
+    return dcn
+
+
+def make_mesh(shape: Sequence[int], devices=None, num_slices: int = 1,
+              dcn_shape: Sequence[int] | None = None) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh over `devices` (default: all).
+
+    Multi-slice (ICI x DCN): `dcn_shape` (or `num_slices`, meaning (num_slices, 1, 1)) lays the
+    slices out over the mesh axes and `shape` describes one slice; each mesh axis is slices x
+    within-slice, so with the default only data-parallel gradient reductions cross the slower
+    data-centre network. A slice is a TPU slice (`slice_index`), else a process (a GPU node),
+    else — fake CPU devices in one process — a consecutive block of devices."""
     devices = jax.devices() if devices is None else list(devices)
     auto = (AxisType.Auto,) * len(MESH_AXES)
-    if num_slices > 1:
-        if len(devices) % num_slices:
-            raise ShardingError(f"{len(devices)} devices do not split into {num_slices} slices.")
-        ici = resolve_mesh_shape(shape, len(devices) // num_slices)
-        dcn = (num_slices,) + (1,) * (len(MESH_AXES) - 1)
-        if len({getattr(d, "slice_index", 0) for d in devices}) == num_slices:
+    if dcn_shape is None and num_slices > 1:
+        dcn_shape = (num_slices,) + (1,) * (len(MESH_AXES) - 1)
+    slice_ids = {getattr(d, "slice_index", 0) for d in devices}
+    processes = {d.process_index for d in devices}
+    granules = len(slice_ids) if len(slice_ids) > 1 else len(processes) if len(processes) > 1 else None
+    dcn = resolve_dcn_shape(dcn_shape, granules)
+    slices = math.prod(dcn)
+    if slices == 1 and len(slice_ids) > 1:
+        raise ShardingError(f"these devices span {len(slice_ids)} TPU slices; set "
+                            f"--config.mesh.dcn_shape=\"({len(slice_ids)},1,1)\" so only "
+                            f"data-parallel traffic crosses between slices.")
+    if slices > 1:
+        if len(devices) % slices:
+            raise ShardingError(f"{len(devices)} devices do not split into the {slices} slices of "
+                                f"mesh.dcn_shape {dcn}.")
+        ici = resolve_mesh_shape(shape, len(devices) // slices)
+        if len(slice_ids) > 1 or len(processes) > 1:
+            if granules != slices:
+                raise ShardingError(
+                    f"mesh.dcn_shape {dcn} asks for {slices} slices but the devices come in "
+                    f"{granules} {'slices' if len(slice_ids) > 1 else 'processes'}; make the "
+                    f"product of mesh.dcn_shape {granules} (or use -1).")
             try:
-                grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+                grid = mesh_utils.create_hybrid_device_mesh(
+                    ici, dcn, devices, process_is_granule=len(slice_ids) == 1)
             except NotImplementedError:  # see below: an axis that no torus side divides
-                grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
-                                                            allow_split_physical_axes=True)
-        else:  # devices without slice ids (fake CPU devices): consecutive blocks are the slices
-            grid = np.asarray(devices).reshape(num_slices * ici[0], *ici[1:])
+                grid = mesh_utils.create_hybrid_device_mesh(
+                    ici, dcn, devices, process_is_granule=len(slice_ids) == 1,
+                    allow_split_physical_axes=True)
+        else:  # fake CPU devices: consecutive blocks are the slices, laid out like the hybrid mesh
+            n = len(MESH_AXES)
+            blocks = np.asarray(devices).reshape(*dcn, *ici)
+            grid = blocks.transpose([k for i in range(n) for k in (i, n + i)]).reshape(
+                [d * i for d, i in zip(dcn, ici)])
         return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
     shape = resolve_mesh_shape(shape, len(devices))
     # Auto axes: GSPMD propagates shardings from our logical annotations (jax.make_mesh now
@@ -101,6 +142,19 @@ def make_mesh(shape: Sequence[int], devices=None, num_slices: int = 1) -> jax.sh
         # side split across two mesh axes: still a valid mesh, with longer paths for that axis.
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
         return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def mesh_from_config(config, devices=None, num_slices: int = 1) -> jax.sharding.Mesh:
+    """`make_mesh` for `config.mesh` (shape, dcn_shape). `num_slices` (describe --num_slices)
+    stands for dcn_shape (num_slices, 1, 1) where the config gives none; where it gives one, the
+    two must agree."""
+    dcn = tuple(config.mesh.get("dcn_shape", None) or (1,) * len(MESH_AXES))
+    if num_slices > 1 and math.prod(dcn) == 1:
+        dcn = None  # make_mesh takes num_slices
+    elif num_slices > 1 and -1 not in dcn and math.prod(dcn) != num_slices:
+        raise ShardingError(f"mesh.dcn_shape {dcn} lays out {math.prod(dcn)} slices but "
+                            f"--num_slices={num_slices}; make them agree.")
+    return make_mesh(config.mesh.shape, devices, num_slices=num_slices, dcn_shape=dcn)
 
 
 def rules_from_config(rules: Any) -> tuple:

@@ -114,7 +114,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # ----------------------------------------------------------------------------------------
     # Mesh.
-    mesh = sharding.make_mesh(config.mesh.shape)
+    mesh = sharding.mesh_from_config(config)
     rules = sharding.rules_from_config(config.sharding_rules)
     # Outside the mesh context: on a CPU the peak is measured with a one-device matmul.
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0], config.peak_flops_per_device)

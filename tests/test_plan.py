@@ -118,6 +118,23 @@ def test_tpu_multislice_devices():
 
 
 @needs_libtpu
+def test_two_slice_ahead_of_time_compile():
+    """mesh.dcn_shape=(2,1,1) over two v5p-8 slices: data parallel across the slices, FSDP and
+    tensor parallel within each; the step compiles for the TPU topology on this CPU."""
+    config = tiny_config(**{"mesh.shape": (1, -1, 2), "mesh.dcn_shape": (2, 1, 1),
+                            "model.dtype": "bfloat16"})
+    p = plan.plan(config, topology="v5p-8", num_slices=2, count_layers=False)
+    assert p["devices"] == 8 and p["chips"] == 8 and p["num_slices"] == 2
+    assert p["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert p["fits"] is True and p["compiled_flops_per_device"] > 0
+    with pytest.raises(ValueError, match="lays out 2 slices but --num_slices=4"):
+        plan.plan(config, topology="v5p-8", num_slices=4, count_layers=False)
+    with pytest.raises(ValueError, match="span 2 TPU slices; set --config.mesh.dcn_shape"):
+        plan.plan(tiny_config(**{"mesh.shape": (1, -1, 2)}), devices=plan.topology_devices(
+            "v5p-8", 2)[1], count_layers=False)
+
+
+@needs_libtpu
 def test_mesh_axis_that_splits_a_torus_side():
     # tensor=8 on v5p-128's 4x4x4 torus: no side is 8, so one side is split over two mesh axes.
     _, devs = plan.topology_devices("v5p-128")

@@ -9,8 +9,9 @@ from tests.helpers import synthetic_batches, tiny_config
 
 
 def run_losses(config, batches, devices=None):
-    devices = devices or jax.devices()[: int(np.prod([max(s, 1) for s in config.mesh.shape]))]
-    mesh = sharding.make_mesh(config.mesh.shape, devices)
+    devices = devices or jax.devices()[: int(np.prod([max(s, 1) for s in config.mesh.shape]))
+                                       * int(np.prod(config.mesh.dcn_shape))]
+    mesh = sharding.mesh_from_config(config, devices)
     with sharding.use_mesh(mesh, config.sharding_rules):
         built = steps.build(config, mesh)
         state = built.init()
@@ -37,6 +38,38 @@ def test_mesh_matches_single_device(devices, style, shape):
     # can flip an update of size ~lr, so parameters get a tolerance of a tenth of the lr.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3), sharded_params, single_params)
     assert single[-1] < single[0]  # it learns, so equal losses are not equal constants
+
+
+@pytest.mark.parametrize("ici, dcn", [((1, 2, 2), (2, 1, 1)), ((2, 1, 2), (1, 2, 1))],
+                         ids=["data_over_slices", "fsdp_over_slices"])
+def test_multislice_mesh_matches_single_device(devices, ici, dcn):
+    """Two fake slices of 4 devices (mesh.dcn_shape): each axis is slices x within-slice, and
+    training gives the single-device losses."""
+    config = tiny_config("llama")
+    batches = synthetic_batches(config, 1) * 3
+    single, _, _ = run_losses(config, batches, devices[:1])
+    config.mesh.shape, config.mesh.dcn_shape = ici, dcn
+    mesh = sharding.mesh_from_config(config, devices)
+    assert dict(zip(mesh.axis_names, mesh.devices.shape)) == {
+        a: i * d for a, i, d in zip(sharding.MESH_AXES, ici, dcn)}
+    axis = dcn.index(2)  # the axis that crosses slices: its two halves are the two slices
+    halves = np.split(mesh.devices, 2, axis=axis)
+    assert [sorted(d.id for d in h.flat) for h in halves] == [list(range(4)), list(range(4, 8))]
+    sharded, _, _ = run_losses(config, batches)
+    np.testing.assert_allclose(sharded, single, rtol=2e-5, atol=2e-5)
+    assert single[-1] < single[0]
+
+
+@pytest.mark.parametrize("dcn, message", [
+    ((2, 1), "must have 3 positive entries"),
+    ((3, 1, 1), "do not split into the 3 slices"),
+    ((-1, 1, 1), "give the number of slices instead of -1"),
+])
+def test_bad_dcn_shape_is_one_line(devices, dcn, message):
+    config = tiny_config("gpt", **{"mesh.shape": (1, -1, 1), "mesh.dcn_shape": dcn})
+    with pytest.raises(ValueError, match=message) as err:
+        sharding.mesh_from_config(config, devices)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("overrides, tol", [
