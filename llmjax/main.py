@@ -20,6 +20,9 @@ DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Initialise JAX's multi-co
 COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+HEARTBEAT_TIMEOUT = flags.DEFINE_float(
+    "heartbeat_timeout", 60, "Multi-host: seconds a process may go silent before it counts as lost "
+    "and every process stops with one line (llmjax/multihost.py).")
 
 # Errors a user can cause from the config, the data or the command line; anything else is a bug
 # and keeps its traceback.
@@ -32,17 +35,29 @@ def main(argv):
     config = cli.require_config()
     if not WORKDIR.value:
         cli.fail("--workdir is required: the directory for checkpoints, metrics and the tokenizer.")
-    import jax
     if COORDINATOR.value or DISTRIBUTED.value:
-        jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+        from llmjax import multihost
+        multihost.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value,
+                             timeout_s=HEARTBEAT_TIMEOUT.value)
     from llmjax.train import NonFiniteError
     logging.set_verbosity(logging.WARNING)
+    from llmjax import multihost
     try:
         run(config, WORKDIR.value)
     except USER_ERRORS as e:
+        multihost.abandon()
         cli.fail(one_line(e))
     except NonFiniteError as e:  # the run diverged: not a usage error, so another exit status
+        multihost.abandon()
         cli.fail(one_line(e), code=3)
+    except Exception as e:  # a collective failing because another process died: say which
+        multihost.explain_failure(e)
+        multihost.abandon()
+        raise
+    except BaseException:  # KeyboardInterrupt, SystemExit
+        multihost.abandon()
+        raise
+    multihost.finish()
 
 
 def one_line(error: BaseException) -> str:

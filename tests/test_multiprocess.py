@@ -27,10 +27,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_pair(workdir, tokenizer_path, extra, preempt_after: str | None = None):
+def launch_pair(workdir, tokenizer_path, extra, preempt_after: str | None = None,
+                hang_after: str | None = None):
     """Runs process 0 and 1 to their end; returns their outputs. With `preempt_after`, process 1
     alone gets SIGTERM once process 0 has printed a line starting with it (a preemption notice
-    reaches one host; JAX's sync point makes both save at the same step)."""
+    reaches one host; JAX's sync point makes both save at the same step). With `hang_after`,
+    process 1 is stopped (SIGSTOP: a hung host) there instead; process 0 must then end on its own
+    within the watchdog's bound (llmjax/multihost.py), and process 1 is killed afterwards; the
+    outputs then end with the seconds process 0 took to stop."""
     port = free_port()
     # The restart loads the executables the first pair compiled (a persistent cache).
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -47,12 +51,21 @@ def launch_pair(workdir, tokenizer_path, extra, preempt_after: str | None = None
                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                  f"--process_id={i}", *extra], cwd=ROOT, env=env, stdout=log,
                 stderr=subprocess.STDOUT))
-    if preempt_after is not None:
+    if preempt_after is not None or hang_after is not None:
         deadline = time.time() + 300
-        while not any(line.startswith(preempt_after) for line in logs[0].read_text().splitlines()):
+        after = preempt_after or hang_after
+        while not any(line.startswith(after) for line in logs[0].read_text().splitlines()):
             assert time.time() < deadline and procs[0].poll() is None, logs[0].read_text()[-3000:]
             time.sleep(0.05)
-        procs[1].send_signal(signal.SIGTERM)
+        procs[1].send_signal(signal.SIGTERM if preempt_after else signal.SIGSTOP)
+    if hang_after is not None:
+        stopped = time.time()
+        procs[0].wait(timeout=300)
+        took = time.time() - stopped
+        procs[1].kill()
+        procs[1].wait()
+        assert procs[0].returncode == 4, logs[0].read_text()[-3000:]  # multihost.EXIT_LOST_PROCESS
+        return [log.read_text() for log in logs] + [took]
     for p in procs:
         p.wait(timeout=400)
     outs = [log.read_text() for log in logs]
@@ -87,7 +100,9 @@ def reference_losses(tokenizer_path, total):
 def test_two_processes_train_checkpoint_resume(devices, tokenizer_path, tmp_path):
     total = 30
     workdir = tmp_path / "run"
-    extra = [f"--config.total_steps={total}", "--config.checkpoint_every_steps=1000"]
+    timeout = 8  # --heartbeat_timeout: the watchdog's bound, short for the test
+    extra = [f"--config.total_steps={total}", "--config.checkpoint_every_steps=1000",
+             f"--heartbeat_timeout={timeout}"]
     first = launch_pair(workdir, tokenizer_path, extra, preempt_after="step  2/")
     assert "2 process(es)" in first[0]
     assert not [l for l in first[1].splitlines() if l.startswith(("mesh", "step"))]  # 0 prints
@@ -95,6 +110,15 @@ def test_two_processes_train_checkpoint_resume(devices, tokenizer_path, tmp_path
     assert len(preempted) == 1, first[0][-3000:]
     at = int(preempted[0].split(" at step ")[1].split(";")[0])
     assert 2 < at < total and sorted(os.listdir(workdir / "checkpoints")) == [str(at)]
+    # A hung (or dead) host: process 1 stops answering a few steps after the resume; process 0
+    # ends within the bound with one line and exit status 4, and nothing past step `at` is kept.
+    out0, _, took = launch_pair(workdir, tokenizer_path, extra, hang_after=f"step {at + 3:>2}/")
+    assert f"resumed from step {at}" in out0
+    last = out0.strip().splitlines()[-1]
+    assert last.startswith("error: process 1 of 2 stopped answering for 8 s"), out0[-3000:]
+    assert "Start every process again with the same command" in last
+    assert took < timeout * 4 / 3 + 15, took  # the bound, plus slack for a loaded test machine
+    assert sorted(os.listdir(workdir / "checkpoints")) == [str(at)]
     second = launch_pair(workdir, tokenizer_path, extra)
     assert f"resumed from step {at}" in second[0]
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -102,6 +126,7 @@ def test_two_processes_train_checkpoint_resume(devices, tokenizer_path, tmp_path
     assert sorted(logged) == list(range(1, total + 1))
     expected = reference_losses(tokenizer_path, total)
     np.testing.assert_allclose([logged[s] for s in range(1, total + 1)], expected, rtol=2e-5)
+    print(f"\n2 processes: process 0 stopped {took:.1f} s after process 1 hung (bound {timeout} s)")
     print(f"\n2 processes: SIGTERM to process 1 after step 2, both saved at step {at}; max relative "
           f"loss difference to 1 process x 8 devices over {total} steps: "
           f"{max(abs(logged[s] - e) / abs(e) for s, e in zip(range(1, total + 1), expected)):.1e}")

@@ -264,4 +264,6 @@ def _write_atomically(path: epath.Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     tmp.write_bytes(data)
-    tmp.rename(path)  # Readers see the old file or the whole new one, never half of it.
+    # Readers see the old file or the whole new one, never half of it; replace, not rename: every
+    # host of a multi-host run writes the same bytes here, and the later one must not fail.
+    tmp.replace(path)
