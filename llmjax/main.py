@@ -34,7 +34,7 @@ def main(argv):
         cli.fail("--workdir is required: the directory for checkpoints, metrics and the tokenizer.")
     import jax
     if COORDINATOR.value or DISTRIBUTED.value:
-        jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+        initialize_distributed(jax)
     from llmjax.train import NonFiniteError
     logging.set_verbosity(logging.WARNING)
     try:
@@ -43,6 +43,19 @@ def main(argv):
         cli.fail(one_line(e))
     except NonFiniteError as e:  # the run diverged: not a usage error, so another exit status
         cli.fail(one_line(e), code=3)
+
+
+def initialize_distributed(jax) -> None:
+    """jax.distributed.initialize with the flags given; what they leave unset comes from the
+    cluster's environment (SLURM, Cloud TPU VM metadata, Open MPI, Kubernetes). Finding none is
+    one line, not a traceback. Launch scripts and their errors: docs/launch.md."""
+    try:
+        jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+    except ValueError as e:
+        hint = ("" if COORDINATOR.value else " No cluster environment (SLURM, Cloud TPU, Open MPI, "
+                "Kubernetes) was found: give --coordinator_address=HOST:PORT --num_processes=N "
+                "--process_id=I.")
+        cli.fail(f"jax.distributed.initialize: {one_line(e)}{hint} See docs/launch.md.")
 
 
 def one_line(error: BaseException) -> str:
