@@ -26,6 +26,7 @@
 #   DETACH=1         start training in the background on every worker (log: ~/llmjax-train.log)
 #                    instead of streaming its output through ssh
 #   KILL_PREVIOUS=1  stop an llmjax.main still running on a worker (it holds the TPU) first
+#   SKIP_SETUP=1     skip the setup pass (code, Python, venv) and only start training
 #   PY_VERSION       the Python uv installs where the image's is older than 3.11 (default 3.11)
 # Flags: --dry-run prints every command (gcloud, and the script each worker runs) and runs none.
 set -euo pipefail
@@ -148,15 +149,19 @@ if [ "$REPO" = local ]; then
   done
 fi
 
-# 3. The script every worker runs. Values go in as bash-quoted assignments; the body is a quoted
-# here-document, so nothing in it is expanded here.
-remote=$(
+# 3. Two scripts for the workers, run one after the other on all of them: setup, then training.
+# Setup first everywhere, so that every worker starts llmjax.main within seconds of the others
+# (jax.distributed.initialize waits 5 minutes for the rest, and a first setup can take longer on
+# one worker than another). Values go in as bash-quoted assignments; the bodies are quoted
+# here-documents, so nothing in them is expanded here.
+values=$(
   printf 'REPO=%q REF=%q WORKDIR=%q PY_VERSION=%q DETACH=%q KILL_PREVIOUS=%q\n' \
     "$REPO" "${REF:-HEAD}" "$WORKDIR" "${PY_VERSION:-3.11}" "${DETACH:-0}" "${KILL_PREVIOUS:-0}"
   printf 'ARGS=('
   if [ "${#ARGS[@]}" -gt 0 ]; then printf ' %q' "${ARGS[@]}"; fi
   printf ' )\n'
-  cat <<'REMOTE'
+)
+setup=$values$'\n'$(cat <<'SETUP'
 set -euo pipefail
 cd "$HOME"
 if [ "$REPO" = local ]; then
@@ -186,10 +191,17 @@ if [ -z "$python" ]; then
   "$uv" python install "$PY_VERSION"
   python=$("$uv" python find "$PY_VERSION")
 fi
+# The pinned set plus jax[tpu]'s libtpu at the locked version (requirements/tpu-lock.txt).
 PYTHON="$python" LLMJAX_TPU_EXTRA=1 bash scripts/setup.sh
-# A previous run still holding the TPU makes this one fail with "TPU in use" / device busy.
-running='^[^ ]*python[0-9.]* -m llmjax\.main'
-mapfile -t previous < <(pgrep -f "$running" | grep -vx "$$" || true)
+SETUP
+)
+train=$values$'\n'$(cat <<'TRAIN'
+set -euo pipefail
+cd "$HOME/llmjax"
+# A previous run (started by this script: this checkout's venv) still holding the TPU makes this
+# one fail with "TPU in use" / device busy.
+running="^$PWD/\\.venv/bin/python -m llmjax\\.main"
+mapfile -t previous < <(pgrep -f "$running" || true)
 if [ "${#previous[@]}" -gt 0 ]; then
   if [ "$KILL_PREVIOUS" = 1 ]; then
     kill "${previous[@]}" || true
@@ -206,22 +218,34 @@ if [ "$DETACH" = 1 ]; then
 else
   exec "${cmd[@]}"
 fi
-REMOTE
+TRAIN
 )
 
-# 4. Run it on every worker of every slice at once (one ssh per slice, --worker=all).
-pids=()
-for node in "${NODES[@]}"; do
-  ssh=("${GCLOUD[@]}" compute tpus tpu-vm ssh "$node" "${COMMON[@]}" --worker=all --command "$remote")
-  if [ "$DRY_RUN" = 1 ]; then
-    show "${ssh[@]}"
-  elif [ "${#NODES[@]}" = 1 ]; then
-    "${ssh[@]}"
-  else
-    "${ssh[@]}" &
-    pids+=("$!")
+# 4. Runs a script on every worker of every slice at once (one ssh per slice, --worker=all) and
+# waits for all of them; fails if any fails.
+on_all_workers() {
+  local node pid status=0 pids=()
+  if [ "$DRY_RUN" = 1 ] && [ "${#NODES[@]}" -gt 1 ]; then
+    echo "# these ${#NODES[@]} run at the same time (in the background, then wait):"
   fi
-done
-status=0
-for pid in "${pids[@]+"${pids[@]}"}"; do wait "$pid" || status=$?; done
-exit "$status"
+  for node in "${NODES[@]}"; do
+    local ssh=("${GCLOUD[@]}" compute tpus tpu-vm ssh "$node" "${COMMON[@]}" --worker=all --command "$1")
+    if [ "$DRY_RUN" = 1 ]; then
+      show "${ssh[@]}"
+    elif [ "${#NODES[@]}" = 1 ]; then
+      "${ssh[@]}" || status=$?  # in the foreground: gcloud may ask to make an ssh key first
+    else
+      "${ssh[@]}" &
+      pids+=("$!")
+    fi
+  done
+  for pid in "${pids[@]+"${pids[@]}"}"; do wait "$pid" || status=$?; done
+  return "$status"
+}
+
+if [ "${SKIP_SETUP:-0}" != 1 ]; then
+  if [ "$DRY_RUN" = 1 ]; then echo "# setup on every worker:"; fi
+  on_all_workers "$setup" || die "setup failed on some worker (its output is above)"
+fi
+if [ "$DRY_RUN" = 1 ]; then echo "# then training on every worker:"; fi
+on_all_workers "$train"

@@ -58,7 +58,8 @@ def executable(path: pathlib.Path, text: str) -> pathlib.Path:
 def clean_env(**extra) -> dict:
     """The environment minus anything the scripts read, plus `extra`."""
     names = ("TPU", "TPU_NAME", "ZONE", "WORKDIR", "REPO", "REF", "ACCELERATOR",
-             "RUNTIME_VERSION", "SLICES", "PROJECT", "SPOT", "DETACH", "KILL_PREVIOUS")
+             "RUNTIME_VERSION", "SLICES", "PROJECT", "SPOT", "DETACH", "KILL_PREVIOUS",
+             "SKIP_SETUP", "PY_VERSION", "COORDINATOR", "NUM_NODES", "NODE_RANK")
     env = {k: v for k, v in os.environ.items() if k not in names and not k.startswith("SLURM_")}
     env.update(extra)
     return env
@@ -111,30 +112,47 @@ def test_tpu_vm_one_host_creates_then_runs(gcloud):
     assert out.returncode == 0, out.stderr
     calls = gcloud()
     assert [c[:5] for c in calls] == [["compute", "tpus", "tpu-vm", c, "tiny"]
-                                      for c in ("describe", "create", "ssh")]
+                                      for c in ("describe", "create", "ssh", "ssh")]
     assert calls[1][5:] == [ZONE, "--accelerator-type=v5p-8", "--version=v2-alpha-tpuv5"]
-    assert calls[2][5:7] == [ZONE, "--worker=all"]
-    script = remote_script(calls[2])
-    assert remote_args(script) == FLAGS
-    assert 'git clone -q "$REPO" llmjax' in script
-    assert "REPO=https://github.com/someone/llmjax.git REF=HEAD WORKDIR=gs://bucket/runs/gpt_small" in script
-    assert 'PYTHON="$python" LLMJAX_TPU_EXTRA=1 bash scripts/setup.sh' in script
-    assert '-m llmjax.main --distributed "--workdir=$WORKDIR" "${ARGS[@]}"' in script
+    setup, train = map(remote_script, calls[2:])
+    assert calls[2][5:7] == calls[3][5:7] == [ZONE, "--worker=all"]
+    assert "REPO=https://github.com/someone/llmjax.git REF=HEAD WORKDIR=gs://bucket/runs/gpt_small" in setup
+    assert 'git clone -q "$REPO" llmjax' in setup
+    assert 'PYTHON="$python" LLMJAX_TPU_EXTRA=1 bash scripts/setup.sh' in setup
+    assert "llmjax.main" not in setup
+    assert remote_args(train) == FLAGS
+    assert '-m llmjax.main --distributed "--workdir=$WORKDIR" "${ARGS[@]}"' in train
 
 
-def test_tpu_vm_four_hosts_reuses_and_copies_local_tree(gcloud):
+def test_tpu_vm_four_hosts_reuses_and_copies_local_tree(gcloud, tmp_path):
     gcloud.exists("pod")
     env = dict(BASE, TPU_NAME="pod", ACCELERATOR="v5p-32", REPO="local", **gcloud.env)
     out = tpu_vm(env, *FLAGS, "--config.total_steps=10")
     assert out.returncode == 0, out.stderr
     calls = gcloud()
-    assert [c[3] for c in calls] == ["describe", "scp", "ssh"]  # exists: no create
+    assert [c[3] for c in calls] == ["describe", "scp", "ssh", "ssh"]  # exists: no create
     scp = calls[1]
     assert scp[5:] == ["pod:llmjax-src.tgz", ZONE, "--worker=all"]
     assert scp[4].endswith(".tgz") and not pathlib.Path(scp[4]).exists()  # removed after
-    script = remote_script(calls[2])
-    assert "tar -xzf llmjax-src.tgz -C llmjax" in script and "REPO=local" in script
-    assert remote_args(script) == FLAGS + ["--config.total_steps=10"]
+    setup, train = map(remote_script, calls[2:])
+    assert "tar -xzf llmjax-src.tgz -C llmjax" in setup and "REPO=local" in setup
+    assert remote_args(train) == FLAGS + ["--config.total_steps=10"]
+    # The training script, run here with HOME holding a checkout whose venv python records argv.
+    home = tmp_path / "home"
+    (home / "llmjax" / ".venv" / "bin").mkdir(parents=True)
+    executable(home / "llmjax" / ".venv" / "bin" / "python",
+               '#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$HOME/argv"\n')
+    ran = subprocess.run(["bash", "-c", train], env=dict(os.environ, HOME=str(home)),
+                         capture_output=True, text=True, timeout=30)
+    assert ran.returncode == 0, ran.stderr
+    assert (home / "argv").read_text().split("\0")[:-1] == [
+        "-m", "llmjax.main", "--distributed", "--workdir=gs://bucket/runs/gpt_small", *FLAGS,
+        "--config.total_steps=10"]
+    # SKIP_SETUP=1: training only.
+    out = tpu_vm(dict(env, SKIP_SETUP="1"), *FLAGS)
+    assert out.returncode == 0, out.stderr
+    assert [c[3] for c in gcloud()[4:]] == ["describe", "scp", "ssh"]
+    assert "llmjax.main" in remote_script(gcloud()[-1])
 
 
 def test_tpu_vm_two_slices_queued_resources(gcloud):
@@ -149,11 +167,14 @@ def test_tpu_vm_two_slices_queued_resources(gcloud):
                         "--node-count=2", "--node-prefix=ms", "--accelerator-type=v5p-32",
                         "--runtime-version=v2-alpha-tpuv5", "--spot"]
     assert calls[2] == calls[0]  # waits for ACTIVE
-    ssh = sorted(calls[3:])
-    assert [c[:7] for c in ssh] == [["compute", "tpus", "tpu-vm", "ssh", f"ms-{i}", ZONE,
-                                     "--worker=all"] for i in (0, 1)]
-    for call in ssh:
+    # Setup on both slices (at once), then training on both.
+    for ssh in sorted(calls[3:5]), sorted(calls[5:7]):
+        assert [c[:7] for c in ssh] == [["compute", "tpus", "tpu-vm", "ssh", f"ms-{i}", ZONE,
+                                         "--worker=all"] for i in (0, 1)]
+    assert all("scripts/setup.sh" in remote_script(c) for c in calls[3:5])
+    for call in calls[5:7]:
         assert remote_args(remote_script(call)) == FLAGS + ["--config.mesh.dcn_shape=(2,1,1)"]
+    assert len(calls) == 7
 
 
 def test_tpu_vm_dry_run_prints_and_runs_nothing(gcloud, tmp_path):
@@ -184,13 +205,43 @@ def test_tpu_vm_dry_run_prints_and_runs_nothing(gcloud, tmp_path):
         printed = out.stdout.splitlines()
         for line in lines:
             assert line in printed, (line, out.stdout)
-        assert printed.count("LLMJAX_REMOTE") == int(env.get("SLICES", 1))
+        assert printed.count("LLMJAX_REMOTE") == 2 * int(env.get("SLICES", 1))  # setup, train
         if env.get("REPO") == "local":
             assert any(l.startswith("gcloud compute tpus tpu-vm scp ") for l in printed)
         # What it prints is bash: the commands and the workers' script parse.
         check = subprocess.run(["bash", "-n"], input=out.stdout, capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
     assert gcloud() == []
+
+
+def test_tpu_vm_worker_refuses_then_stops_a_previous_run(gcloud, tmp_path):
+    """A previous llmjax.main of this checkout's venv holds the TPU: the training script says so
+    in one line, or with KILL_PREVIOUS=1 stops it and starts."""
+    gcloud.exists("pod")
+    out = tpu_vm(dict(BASE, TPU_NAME="pod", SKIP_SETUP="1", **gcloud.env), *FLAGS)
+    assert out.returncode == 0, out.stderr
+    train = remote_script(gcloud()[-1])
+    home, fake = tmp_path / "home", tmp_path / "fake"
+    (home / "llmjax" / ".venv" / "bin").mkdir(parents=True)
+    (home / "llmjax" / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    (fake / "llmjax").mkdir(parents=True)
+    (fake / "llmjax" / "__init__.py").write_text("")
+    (fake / "llmjax" / "main.py").write_text(
+        "import sys, time\nif '--hold' in sys.argv: time.sleep(60)\n")
+    env = dict(os.environ, HOME=str(home), PYTHONPATH=str(fake))
+    held = subprocess.Popen([str(home / "llmjax" / ".venv" / "bin" / "python"), "-m", "llmjax.main",
+                             "--hold"], env=env, cwd=fake)
+    try:
+        refused = subprocess.run(["bash", "-c", train], env=env, capture_output=True, text=True,
+                                 timeout=30)
+        assert refused.returncode == 1 and held.poll() is None
+        assert f"llmjax.main (pid {held.pid}) still runs and holds the TPU" in refused.stderr
+        ran = subprocess.run(["bash", "-c", train.replace("KILL_PREVIOUS=0", "KILL_PREVIOUS=1", 1)],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 0, ran.stderr
+        assert held.wait(timeout=10) != 0  # stopped by SIGTERM
+    finally:
+        held.kill()
 
 
 @pytest.mark.parametrize("env,message", [
