@@ -169,7 +169,14 @@ if [ "$REPO" = local ]; then
   find llmjax -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +
   tar -xzf llmjax-src.tgz -C llmjax
 else
-  [ -d llmjax/.git ] || git clone -q "$REPO" llmjax
+  if [ ! -d llmjax/.git ]; then  # first run, or a copied tree before: clone, keep the venv
+    rm -rf llmjax.clone
+    git clone -q "$REPO" llmjax.clone
+    if [ -d llmjax/.venv ]; then mv llmjax/.venv llmjax.clone/; fi
+    rm -rf llmjax
+    mv llmjax.clone llmjax
+  fi
+  git -C llmjax remote set-url origin "$REPO"
   git -C llmjax fetch -q origin "$REF"
   git -C llmjax checkout -q --detach FETCH_HEAD
 fi
@@ -185,7 +192,8 @@ for candidate in python3.11 python3.12 python3.13 python3; do
 done
 if [ -z "$python" ]; then
   uv="$HOME/.local/bin/uv"
-  if [ ! -x "$uv" ]; then
+  if [ ! -x "$uv" ]; then  # uv from the package registry, into ~/.local
+    python3 -m pip --version >/dev/null 2>&1 || sudo apt-get install -y -q python3-pip
     python3 -m pip install -q --user uv || python3 -m pip install -q --user --break-system-packages uv
   fi
   "$uv" python install "$PY_VERSION"

@@ -244,6 +244,39 @@ def test_tpu_vm_worker_refuses_then_stops_a_previous_run(gcloud, tmp_path):
         held.kill()
 
 
+def test_tpu_vm_worker_setup_clones_and_keeps_the_venv(gcloud, tmp_path):
+    """The workers' setup script, run here: a copied tree (no .git) becomes a clone of REPO at
+    REF with its venv kept; a Python 3.11+ is found; scripts/setup.sh with LLMJAX_TPU_EXTRA=1
+    finds its stamp current and installs nothing."""
+    gcloud.exists("pod")
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    env = dict(BASE, TPU_NAME="pod", REPO=str(ROOT), REF=head, **gcloud.env)
+    assert tpu_vm(env, *FLAGS).returncode == 0
+    setup = remote_script(gcloud()[1])
+    home = tmp_path / "home"
+    venv = home / "llmjax" / ".venv"
+    venv.mkdir(parents=True)
+    (home / "llmjax" / "stale.txt").write_text("from a copied tree")
+    locks = [ROOT / "requirements" / "lock.txt", ROOT / "requirements" / "tpu-lock.txt",
+             ROOT / "pyproject.toml"]
+    stamp = subprocess.run(["cksum"], input=b"".join(p.read_bytes() for p in locks),
+                           capture_output=True, check=True).stdout.decode()
+    (venv / ".llmjax-installed").write_text(stamp)
+    bin_dir = tmp_path / "pybin"
+    bin_dir.mkdir()
+    (bin_dir / "python3.11").symlink_to(sys.executable)
+    ran = subprocess.run(["bash", "-c", setup], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, HOME=str(home), PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    assert ran.returncode == 0, ran.stderr
+    checkout = home / "llmjax"
+    assert subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() == head
+    assert (venv / ".llmjax-installed").read_text() == stamp  # kept, and current: no install
+    assert not (checkout / "stale.txt").exists() and (checkout / "llmjax" / "main.py").exists()
+    assert "setting up" not in ran.stderr
+
+
 @pytest.mark.parametrize("env,message", [
     (dict(ZONE="z", WORKDIR="gs://b/r", REPO="x"), "set TPU_NAME"),
     (dict(TPU_NAME="t", WORKDIR="gs://b/r", REPO="x"), "set ZONE"),
