@@ -117,6 +117,11 @@ elif ! state=$("${describe[@]}" 2>/dev/null); then
   [ -n "$ACCELERATOR" ] || die "no TPU named $TPU_NAME in $ZONE; set ACCELERATOR (e.g. v5p-8) to create it"
   echo "creating $TPU_NAME ($ACCELERATOR x $SLICES, $RUNTIME_VERSION) ..." >&2
   "${create[@]}"
+elif [ "$SLICES" = 1 ]; then
+  case "$state" in
+    PREEMPTED | TERMINATED) die "TPU $TPU_NAME is $state; delete it (gcloud compute tpus tpu-vm delete $TPU_NAME --zone=$ZONE) and rerun: training resumes from the last checkpoint" ;;
+    STOPPED | STOPPING) die "TPU $TPU_NAME is $state; start it (gcloud compute tpus tpu-vm start $TPU_NAME --zone=$ZONE) and rerun" ;;
+  esac
 fi
 if [ "$SLICES" -gt 1 ]; then
   # A queued resource is usable once ACTIVE; its nodes are TPU_NAME-0 .. TPU_NAME-(SLICES-1).
@@ -124,8 +129,12 @@ if [ "$SLICES" -gt 1 ]; then
     echo "# wait until this prints ACTIVE:"
     show "${describe[@]}"
   else
-    while state=$("${describe[@]}") && [ "$state" != ACTIVE ]; do
-      case "$state" in FAILED | SUSPENDED | SUSPENDING) die "queued resource $TPU_NAME is $state" ;; esac
+    while :; do
+      state=$("${describe[@]}") || die "cannot describe queued resource $TPU_NAME (its error is above)"
+      [ "$state" != ACTIVE ] || break
+      case "$state" in
+        FAILED | SUSPENDED | SUSPENDING) die "queued resource $TPU_NAME is $state; delete it (gcloud compute tpus queued-resources delete $TPU_NAME --zone=$ZONE --force) and rerun" ;;
+      esac
       echo "queued resource $TPU_NAME: ${state:-?}; waiting ..." >&2
       sleep 30
     done
