@@ -333,6 +333,16 @@ def test_distributed_without_a_cluster_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_slurm_sbatch_bad_input_is_one_line(tmp_path):
+    script = str(LAUNCH / "slurm_gpu.sbatch")
+    for env, message in [(clean_env(), "run this with sbatch"),
+                         (clean_env(SLURM_JOB_ID="1", SLURM_SUBMIT_DIR=str(tmp_path)),
+                          "submit from the llmjax checkout")]:
+        out = subprocess.run(["bash", script], env=env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=30)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr
+
+
 def test_scripts_parse():
     for script in LAUNCH.glob("*.s*"):
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
