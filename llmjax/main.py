@@ -36,9 +36,7 @@ def main(argv):
     if not WORKDIR.value:
         cli.fail("--workdir is required: the directory for checkpoints, metrics and the tokenizer.")
     if COORDINATOR.value or DISTRIBUTED.value:
-        from llmjax import multihost
-        multihost.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value,
-                             timeout_s=HEARTBEAT_TIMEOUT.value)
+        initialize_distributed()
     from llmjax.train import NonFiniteError
     logging.set_verbosity(logging.WARNING)
     from llmjax import multihost
@@ -58,6 +56,22 @@ def main(argv):
         multihost.abandon()
         raise
     multihost.finish()
+
+
+def initialize_distributed() -> None:
+    """jax.distributed.initialize with the flags given, plus the lost-process watchdog
+    (llmjax/multihost.py); what the flags leave unset comes from the cluster's environment (SLURM,
+    Cloud TPU VM metadata, Open MPI, Kubernetes). Finding none is one line, not a traceback.
+    Launch scripts and their errors: docs/launch.md."""
+    from llmjax import multihost
+    try:
+        multihost.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value,
+                             timeout_s=HEARTBEAT_TIMEOUT.value)
+    except ValueError as e:
+        hint = ("" if COORDINATOR.value else " No cluster environment (SLURM, Cloud TPU, Open MPI, "
+                "Kubernetes) was found: give --coordinator_address=HOST:PORT --num_processes=N "
+                "--process_id=I.")
+        cli.fail(f"jax.distributed.initialize: {one_line(e)}{hint} See docs/launch.md.")
 
 
 def one_line(error: BaseException) -> str:
