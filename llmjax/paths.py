@@ -30,18 +30,24 @@ def path(p) -> epath.Path:
     return epath.Path(p if is_remote(p) else os.path.abspath(os.path.expanduser(p)))
 
 
+def check_reachable(p: str, name: str) -> None:
+    """Raises ValueError (one sentence naming `name`) for a URL llmjax cannot read or write."""
+    if not is_remote(p):
+        return
+    if not p.startswith("gs://"):
+        raise ValueError(f"{name}={p}: the only remote paths supported are gs://bucket/path "
+                         "(Google Cloud Storage); or give a local path.")
+    import fsspec
+    try:
+        fsspec.get_filesystem_class("gs")
+    except ImportError as e:  # gcsfs also brings google-cloud-storage, which Orbax asks too
+        raise ValueError(f"{name}={p} needs gcsfs, through which epath and Orbax reach gs://: "
+                         "pip install gcsfs.") from e
+
+
 def check_workdir(workdir: str) -> None:
     """Raises ValueError (one sentence) for a workdir llmjax cannot use; reads, never writes."""
-    if is_remote(workdir):
-        if not workdir.startswith("gs://"):
-            raise ValueError(f"--workdir={workdir}: the only remote workdirs supported are "
-                             "gs://bucket/path (Google Cloud Storage); or give a local directory.")
-        import fsspec
-        try:
-            fsspec.get_filesystem_class("gs")
-        except ImportError as e:
-            raise ValueError(f"--workdir={workdir} needs gcsfs, through which epath and Orbax "
-                             "reach gs://: pip install gcsfs.") from e
+    check_reachable(workdir, "--workdir")
     p = path(workdir)
     if p.exists() and not p.is_dir():
         raise ValueError(f"--workdir={workdir} is a file, not a directory; give a directory "

@@ -67,6 +67,7 @@ def validate_config(config, workdir: str | None = None) -> None:
         raise ValueError(f"fault_nonfinite_steps={steps!r} must list step numbers >= 1 (steps "
                          "count from 1), e.g. --config.fault_nonfinite_steps='(5,)'.")
     _validate_task(config)
+    paths.check_reachable(config.data.tokenizer, "data.tokenizer")
     if config.data.tokenizer and not paths.path(config.data.tokenizer).exists():
         raise FileNotFoundError(f"data.tokenizer={config.data.tokenizer!r} does not exist; give "
                                 "the path of a SentencePiece .model file, or '' to train one.")

@@ -188,8 +188,8 @@ def serve(root: str):
     type(backend.fsspec_backend)._get_filesystem.cache_clear()
     # Orbax asks google-cloud-storage whether the bucket has a hierarchical namespace: a plain
     # bucket does not.
-    flat = mock.patch.object(gcs_utils, "get_bucket",
-                             lambda name: types.SimpleNamespace(hierarchical_namespace_enabled=False))
+    plain_bucket = types.SimpleNamespace(hierarchical_namespace_enabled=False)
+    flat = mock.patch.object(gcs_utils, "get_bucket", lambda name: plain_bucket)
     try:
         with flat:
             yield

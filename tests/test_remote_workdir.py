@@ -98,12 +98,14 @@ def test_bad_remote_workdirs_are_one_sentence(bucket, monkeypatch):
     paths.path("gs://llmjax-test/a_file").write_text("x")
     with pytest.raises(ValueError, match="is a file, not a directory"):
         validate_config(tiny_config(), "gs://llmjax-test/a_file")
-    with pytest.raises(ValueError, match="only remote workdirs supported are gs://"):
+    with pytest.raises(ValueError, match="only remote paths supported are gs://"):
         validate_config(tiny_config(), "s3://bucket/run")
 
     def no_gcsfs(protocol):
         raise ImportError("Install gcsfs to access Google Storage")
     monkeypatch.setattr(fsspec, "get_filesystem_class", no_gcsfs)
-    with pytest.raises(ValueError, match="needs gcsfs"):
+    with pytest.raises(ValueError, match="--workdir=gs://llmjax-test/runs/tiny needs gcsfs"):
         validate_config(tiny_config(), WORKDIR)
+    with pytest.raises(ValueError, match="data.tokenizer=gs://llmjax-test/t.model needs gcsfs"):
+        validate_config(tiny_config(**{"data.tokenizer": "gs://llmjax-test/t.model"}))
     assert not (bucket / "llmjax-test" / "runs").exists()  # a bad config writes nothing
