@@ -195,6 +195,7 @@ def serve(root: str):
             yield
     finally:
         server.shutdown()
+        server.server_close()
         for k, v in saved_env.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         for protocol, cls in saved_fs.items():
