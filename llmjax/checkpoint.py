@@ -12,12 +12,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
 from etils import epath
+
+from llmjax import paths
 
 
 class _IteratorSnapshot:
@@ -37,9 +38,7 @@ class _IteratorSnapshot:
 
 class Checkpointer:
     def __init__(self, workdir: str, *, max_to_keep: int, async_save: bool = True):
-        # Orbax's array writer needs an absolute path; remote paths (gs://...) already are.
-        local = "://" not in str(workdir)
-        self.directory = epath.Path(os.path.abspath(workdir) if local else workdir) / "checkpoints"
+        self.directory = paths.path(workdir) / "checkpoints"
         # A run killed during an async save leaves a <step>.orbax-checkpoint-tmp-* folder that
         # was never renamed into place; it is not a step, and is removed on the next start.
         self._options = ocp.CheckpointManagerOptions(
@@ -167,8 +166,7 @@ def resolve(path: str) -> tuple[epath.Path, int]:
     """A workdir, its checkpoints/ folder, or one step's folder -> (checkpoints folder, step).
 
     A workdir or checkpoints/ folder means its newest complete step."""
-    local = "://" not in str(path)
-    p = epath.Path(os.path.abspath(path) if local else path)
+    p = paths.path(path)
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if p.name.isdigit() and (p / "state").is_dir():

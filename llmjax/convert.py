@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
+
+from llmjax import paths
 
 CONFIG_JSON = "llmjax_config.json"
 TOKENIZER = "tokenizer.model"
@@ -51,9 +52,9 @@ def get_config(arg=None):
 '''
 
 
-def _sentencepiece_ids(path: str) -> dict:
+def _sentencepiece_ids(model: bytes) -> dict:
     import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=path)
+    sp = spm.SentencePieceProcessor(model_proto=model)
     ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
     return {k: (v if v >= 0 else None) for k, v in ids.items()}
 
@@ -86,11 +87,12 @@ def hf_to_llmjax(src: str, workdir: str) -> str:
     from llmjax.checkpoint import Checkpointer
     from llmjax.interop import hf
 
-    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    out = paths.path(workdir)
+    if (out / "checkpoints").is_dir():
         raise ValueError(f"{workdir} already has checkpoints; convert into a new, empty directory.")
     model, config = hf.load(src)
     family, _ = hf.read_config(src)
-    os.makedirs(workdir, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     names = (family.sentencepiece,) + tuple(n for n in SENTENCEPIECE_FILES if n != family.sentencepiece)
     tokenizer = next((os.path.join(src, n) for n in names if os.path.isfile(os.path.join(src, n))),
                      None)
@@ -101,10 +103,12 @@ def hf_to_llmjax(src: str, workdir: str) -> str:
               "with the same ids (a new one trained by llmjax changes what the embeddings mean).",
               file=sys.stderr)
     if tokenizer is not None:
-        shutil.copyfile(tokenizer, os.path.join(workdir, TOKENIZER))
-        pad = _sentencepiece_ids(tokenizer)["pad_token_id"]
+        with open(tokenizer, "rb") as f:
+            model_proto = f.read()
+        (out / TOKENIZER).write_bytes(model_proto)
+        pad = _sentencepiece_ids(model_proto)["pad_token_id"]
         if pad == 0:
-            config.data.tokenizer = os.path.abspath(os.path.join(workdir, TOKENIZER))
+            config.data.tokenizer = str(out / TOKENIZER)
             if family.model_type == "t5":
                 _t5_sentinels(src, tokenizer, config)
         else:
@@ -114,19 +118,17 @@ def hf_to_llmjax(src: str, workdir: str) -> str:
                   "0, so training will not use it (it is copied for generation and export).",
                   file=sys.stderr)
     if "init_from" in config:
-        config.init_from = os.path.abspath(workdir)
+        config.init_from = str(out)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tx, _ = optim.make_optimizer(config.optim, config.total_steps)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     config_dict = json.loads(json.dumps(config.to_dict()))  # tuples -> lists, as Orbax stores it
-    ckpt = Checkpointer(workdir, max_to_keep=config.max_to_keep, async_save=False)
+    ckpt = Checkpointer(out, max_to_keep=config.max_to_keep, async_save=False)
     ckpt.save(0, state, None, config_dict, force=True)
     ckpt.close()
-    with open(os.path.join(workdir, CONFIG_JSON), "w") as f:
-        json.dump(config_dict, f, indent=1)
-    with open(os.path.join(workdir, "config.py"), "w") as f:
-        f.write(_CONFIG_PY.format(here=os.path.abspath(workdir), config_json=CONFIG_JSON))
-    return os.path.join(workdir, "checkpoints", "0")
+    (out / CONFIG_JSON).write_text(json.dumps(config_dict, indent=1))
+    (out / "config.py").write_text(_CONFIG_PY.format(here=out, config_json=CONFIG_JSON))
+    return str(out / "checkpoints" / "0")
 
 
 def llmjax_to_hf(src: str, out_dir: str) -> str:
@@ -148,10 +150,10 @@ def llmjax_to_hf(src: str, out_dir: str) -> str:
                                    nnx.to_pure_dict(abstract))
     params, _, _ = checkpoint.restore_params(src, abstract_params)
     directory, _ = checkpoint.resolve(src)
-    candidates = [config.get("data", {}).get("tokenizer", ""),
-                  os.path.join(str(directory.parent), TOKENIZER)]
-    tokenizer = next((c for c in candidates if c and os.path.isfile(c)), None)
-    token_ids = _sentencepiece_ids(tokenizer) if tokenizer else None
+    candidates = [config.get("data", {}).get("tokenizer", ""), directory.parent / TOKENIZER]
+    tokenizer = next((paths.path(c) for c in candidates if c and paths.path(c).is_file()), None)
+    model_proto = tokenizer.read_bytes() if tokenizer else None
+    token_ids = _sentencepiece_ids(model_proto) if tokenizer else None
     if token_ids and model_cfg.family == "encoder_decoder":
         # The decoder starts from bos (llmjax's objectives) or pad (T5's conventions).
         t5_style = config.get("data", {}).get("sentinels_at_top") or token_ids["bos_token_id"] is None
@@ -159,7 +161,8 @@ def llmjax_to_hf(src: str, out_dir: str) -> str:
     hf.save(params, model_cfg, out_dir, token_ids=token_ids)
     if tokenizer:
         family = hf.family_of(model_cfg)
-        shutil.copyfile(tokenizer, os.path.join(out_dir, family.sentencepiece))
+        with open(os.path.join(out_dir, family.sentencepiece), "wb") as f:
+            f.write(model_proto)
         if family.model_type == "t5":
             # T5Tokenizer appends `extra_ids` sentinels after the pieces: as many as span corruption
             # used at the top, or none when they are pieces of llmjax's own tokenizer.
@@ -174,7 +177,7 @@ def convert(src: str, dst: str) -> str:
     from llmjax.interop import hf
     if os.path.isfile(os.path.join(src, hf.CONFIG_FILE)):
         return hf_to_llmjax(src, dst)
-    if os.path.isdir(src):
+    if paths.path(src).is_dir():
         return llmjax_to_hf(src, dst)
     raise FileNotFoundError(f"{src} does not exist; give a Hugging Face model directory or an "
                             "llmjax workdir / checkpoint.")

@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any, Sequence
@@ -44,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llmjax import paths
 from llmjax.models.decoder import init_cache
 
 
@@ -295,8 +295,9 @@ def load_run(workdir: str, mesh_shape=(-1, 1, 1)) -> Run:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nnx.to_pure_dict(abstract), shardings)
     params, _, step = restore_params(workdir, target)
-    tokenizer_path = config.data.get("tokenizer", "") or os.path.join(workdir, "tokenizer.model")
-    if not os.path.exists(tokenizer_path):
+    tokenizer_path = paths.path(config.data.get("tokenizer", "")
+                                or paths.path(workdir) / "tokenizer.model")
+    if not tokenizer_path.exists():
         raise FileNotFoundError(f"no tokenizer at {tokenizer_path}; the run's workdir should hold "
                                 "tokenizer.model (or its config data.tokenizer a .model path).")
     return Run(config, model_cfg, graphdef, params, Tokenizer.load(tokenizer_path), step, mesh,

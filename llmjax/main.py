@@ -9,8 +9,6 @@ jax.distributed.initialize() and lets JAX detect the cluster; or give --coordina
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags, logging
 
 from llmjax import cli
@@ -86,8 +84,9 @@ def run(config, workdir: str) -> dict:
     see the README's "Bad configs and data" table."""
     from llmjax.train import train_and_evaluate
     from llmjax.validate import validate_config
+    from llmjax import paths
     validate_config(config, workdir)
-    os.makedirs(workdir, exist_ok=True)
+    paths.path(workdir).mkdir(parents=True, exist_ok=True)
     return train_and_evaluate(config, workdir)
 
 

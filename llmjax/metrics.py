@@ -13,13 +13,14 @@ reaches on that machine, not to a hardware specification.
 import json
 import logging
 import math
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tensorboardX import SummaryWriter
+from tensorboardX import SummaryWriter, record_writer
+
+from llmjax import paths
 
 # ---------------------------------------------------------------------------------------------
 # Writers
@@ -58,18 +59,19 @@ class MetricWriter:
 
     The file is opened for appending, so a resumed run continues the same file, and flushed on
     every write, so a killed run keeps every line it logged. Non-finite floats are written as the
-    strings "nan", "inf" and "-inf". WORKDIR must be a local (or mounted) directory: object stores
-    such as GCS cannot append.
+    strings "nan", "inf" and "-inf". In a gs:// WORKDIR both files are `paths.RewrittenFile`s,
+    uploaded at most every `paths.UPLOAD_EVERY_S` seconds and on close.
     """
 
     def __init__(self, workdir: str, *, enabled: bool = True):
         self.enabled = enabled
         self._file = self._tb = None
         if enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self.path = os.path.join(workdir, "metrics.jsonl")
-            self._file = open(self.path, "a", encoding="utf-8")
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            directory = paths.path(workdir)
+            directory.mkdir(parents=True, exist_ok=True)
+            self.path = str(directory / "metrics.jsonl")
+            self._file = paths.open_append(self.path)
+            self._tb = SummaryWriter(str(directory / "tb"))
 
     def write(self, step: int, metrics: dict):
         if not self.enabled:
@@ -96,6 +98,20 @@ class MetricWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _EpathEventFiles:
+    """tensorboardX writes gs:// event files through this (epath, as every workdir file) instead
+    of its own google-cloud-storage writer."""
+
+    def open(self, path):
+        return paths.RewrittenFile(path)
+
+    def directory_check(self, path):  # object stores have no directories to create
+        pass
+
+
+record_writer.register_writer_factory("gs", _EpathEventFiles())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ test per row.
 from __future__ import annotations
 
 import math
-import os
+
+from llmjax import paths
 
 NONFINITE_MODES = ("stop", "skip")
 
@@ -66,16 +67,14 @@ def validate_config(config, workdir: str | None = None) -> None:
         raise ValueError(f"fault_nonfinite_steps={steps!r} must list step numbers >= 1 (steps "
                          "count from 1), e.g. --config.fault_nonfinite_steps='(5,)'.")
     _validate_task(config)
-    if config.data.tokenizer and not os.path.exists(os.path.expanduser(config.data.tokenizer)) \
-            and "://" not in config.data.tokenizer:
+    paths.check_reachable(config.data.tokenizer, "data.tokenizer")
+    if config.data.tokenizer and not paths.path(config.data.tokenizer).exists():
         raise FileNotFoundError(f"data.tokenizer={config.data.tokenizer!r} does not exist; give "
                                 "the path of a SentencePiece .model file, or '' to train one.")
-    if config.data.tokenizer and "://" not in config.data.tokenizer:
-        _check_tokenizer_file(os.path.expanduser(config.data.tokenizer))
-    if workdir is not None and "://" not in workdir and os.path.exists(workdir) \
-            and not os.path.isdir(workdir):
-        raise ValueError(f"--workdir={workdir} is a file, not a directory; give a directory "
-                         "(it is created if missing).")
+    if config.data.tokenizer:
+        _check_tokenizer_file(config.data.tokenizer)
+    if workdir is not None:
+        paths.check_workdir(workdir)
 
 
 # data.task -> the model family it trains (data/finetune.py reads its examples).
@@ -117,8 +116,7 @@ def _validate_task(config) -> None:
 def _check_tokenizer_file(path: str) -> None:
     import sentencepiece as spm
     try:
-        with open(path, "rb") as f:
-            spm.SentencePieceProcessor(model_proto=f.read())
+        spm.SentencePieceProcessor(model_proto=paths.path(path).read_bytes())
     except (RuntimeError, OSError) as e:  # SentencePiece reports a parse failure as RuntimeError
         raise ValueError(f"data.tokenizer={path!r} is not a SentencePiece model ("
                          f"{str(e).strip()[:80]}); give a .model file written by SentencePiece, "

@@ -38,12 +38,12 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 from typing import Any, Callable
 
 import grain
 import numpy as np
 
+from llmjax import paths
 from llmjax.data import pipeline
 
 SFT_FIELDS = ("prompt", "response")
@@ -278,13 +278,13 @@ def adopt_tokenizer(config, workdir: str) -> None:
         return
     from llmjax.checkpoint import resolve
     directory, _ = resolve(config.init_from)
-    source = os.path.join(os.fspath(directory.parent), "tokenizer.model")
-    target = os.path.join(workdir, "tokenizer.model")
-    if os.path.exists(source) and not os.path.exists(target):
-        os.makedirs(workdir, exist_ok=True)
-        tmp = f"{target}.tmp{os.getpid()}"
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)  # atomic: every host may copy, a reader never sees half a file
+    source = directory.parent / "tokenizer.model"
+    target = paths.path(workdir) / "tokenizer.model"
+    if source.exists() and not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f"{target.name}.tmp{os.getpid()}"
+        source.copy(tmp)
+        tmp.replace(target)  # atomic: every host may copy, a reader never sees half a file
 
 
 def restore_init(config, built, state: dict[str, Any]) -> tuple[dict[str, Any], int]:

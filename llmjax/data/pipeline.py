@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from typing import Any
 
 from absl import flags
@@ -41,6 +40,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from llmjax import paths
 from llmjax.data import corpus
 from llmjax.data import objectives
 from llmjax.data.tokenizer import Tokenizer
@@ -324,10 +324,9 @@ def _record_spec(workdir: str, data_cfg, tokenizer: Tokenizer, **settings: Any) 
         **settings,
     }
     spec = json.loads(json.dumps(spec, default=str))  # Plain JSON types, comparable after reload.
-    path = os.path.join(workdir, "data_spec.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
+    path = paths.path(workdir) / "data_spec.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
         if previous != spec:
             changed = sorted(
                 k for k in spec.keys() | previous.keys() if spec.get(k) != previous.get(k)
@@ -338,6 +337,5 @@ def _record_spec(workdir: str, data_cfg, tokenizer: Tokenizer, **settings: Any) 
                 path,
                 ", ".join(changed),
             )
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(spec, f, indent=2, sort_keys=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec, indent=2, sort_keys=True))
