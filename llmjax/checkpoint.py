@@ -19,6 +19,8 @@ import grain
 import orbax.checkpoint as ocp
 from etils import epath
 
+from llmjax import progress
+
 
 class _IteratorSnapshot:
     """The data iterator's state taken at save time.
@@ -72,7 +74,8 @@ class Checkpointer:
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         args = ocp.args.Composite(**items)
-        restored = self.manager.restore(step, args=args)
+        with progress.ticker(f"restoring checkpoint {self.directory / str(step)}"):
+            restored = self.manager.restore(step, args=args)
         logging.info("restored checkpoint at step %d from %s", step, self.directory)
         return restored["state"]
 

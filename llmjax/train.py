@@ -21,7 +21,7 @@ import numpy as np
 
 from llmjax import data as data_lib
 from llmjax import metrics as metrics_lib
-from llmjax import sharding, steps
+from llmjax import progress, sharding, steps
 from llmjax.checkpoint import Checkpointer
 from llmjax.data import finetune
 from llmjax.generate import sample_text
@@ -176,7 +176,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         # ------------------------------------------------------------------------------------
         # Compile ahead of time: the compile time is measured apart from step times.
         t0 = time.perf_counter()
-        train_step = built.train_step.lower(state, steps.abstract_batch(config, built)).compile()
+        with progress.ticker("compiling the train step"):
+            train_step = built.train_step.lower(state, steps.abstract_batch(config, built)).compile()
         say(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
 
         # ------------------------------------------------------------------------------------
