@@ -212,6 +212,7 @@ def restore_params(path: str, abstract_params: Any) -> tuple[Any, dict, int]:
         state=ocp.args.PyTreeRestore(item=item, partial_restore=True,
                                      restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
         config=ocp.args.JsonRestore())
-    restored = manager.restore(step, args=args)
+    with progress.ticker(f"restoring the parameters of {directory / str(step)}"):
+        restored = manager.restore(step, args=args)
     manager.close()
     return restored["state"]["params"], restored["config"], step
