@@ -19,9 +19,9 @@ import sys
 import threading
 import time
 
-DELAY_S = 5.0  # a phase shorter than this prints nothing
-EVERY_S = 10.0  # then a ticker repeats this often; a bar on a non-terminal (a log file) updates
-# this often, so a log gets a few updates, not hundreds of carriage returns
+DELAY_S = 5.0  # a phase shorter than this prints nothing; a bar on a non-terminal (a log file,
+# a notebook cell) updates this often, so a log gets a few updates, not hundreds
+EVERY_S = 10.0  # a ticker repeats this often
 
 
 def is_main() -> bool:
@@ -40,7 +40,7 @@ def bar(iterable=None, *, total: int | None, desc: str, unit: str = "it",
     from tqdm import tqdm
     tty = sys.stderr.isatty()
     return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale,
-               file=sys.stderr, delay=DELAY_S, mininterval=0.5 if tty else EVERY_S,
+               file=sys.stderr, delay=DELAY_S, mininterval=0.5 if tty else DELAY_S,
                ascii=not tty, disable=not is_main(), dynamic_ncols=True)
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import shutil
 import sys
 import time
@@ -118,10 +119,11 @@ def test_progress_is_silent_for_quick_phases_and_ticks_for_slow_ones(monkeypatch
         time.sleep(0.5)
     text = err.getvalue()
     assert "slow: 100%" in text and "4/4" in text and "doc/s" in text
-    assert "still compiling the train step (0 s)" in text
-    assert text.count("still compiling") in (1, 2)  # at 0.2 s and 0.4 s
+    ticks = re.findall(r"^still compiling the train step \((\d+) s\)$", text, re.M)
+    assert 1 <= len(ticks) == text.count("still compiling")  # at 0.2 s, 0.4 s (later if busy)
 
 
+@pytest.mark.slow
 def test_the_colab_notebook_executes(tmp_path):
     """launch/colab.ipynb top to bottom in a python3 kernel on this interpreter, inside this
     checkout (no clone or install: LLMJAX_NOTEBOOK_PYTHON), gpt_small:runlocal for 4 steps."""
@@ -152,6 +154,7 @@ def test_the_colab_notebook_executes(tmp_path):
 
     code = [c for c in nb.cells if c.cell_type == "code"]
     train, = [c for c in code if "llmjax.main" in c.source]
+    assert "over 1 cpu devices" in output_text(train)  # not the tests' 8 fake devices
     assert "step 4/4 | loss" in output_text(train) and "curves:" in output_text(train)
     plot_cell, = [c for c in code if "llmjax.plot" in c.source]
     assert any("image/png" in o.get("data", {}) for o in plot_cell.outputs)
