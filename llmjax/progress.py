@@ -47,7 +47,7 @@ def bar(iterable=None, *, total: int | None, desc: str, unit: str = "it",
 @contextlib.contextmanager
 def ticker(doing: str, *, first_s: float | None = None, every_s: float | None = None):
     """Prints `still <doing> (N s)` to stderr after `first_s` (DELAY_S) seconds, then every
-    `every_s` (EVERY_S) seconds, until the block ends. For phases nobody can predict the length of."""
+    `every_s` (EVERY_S) seconds, until the block ends: for phases of unpredictable length."""
     if not is_main():
         yield
         return

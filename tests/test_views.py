@@ -34,7 +34,8 @@ def real_run(tokenizer_path, tmp_path_factory):
     """A seconds-long training run (tests/reliability_config.py: 6 steps, log every step)."""
     from llmjax.main import run
     workdir = tmp_path_factory.mktemp("run") / "tiny"
-    config = apply_overrides(reliability_config.get_config(), {"data.tokenizer": str(tokenizer_path)})
+    config = apply_overrides(reliability_config.get_config(),
+                             {"data.tokenizer": str(tokenizer_path)})
     run(config, str(workdir))
     return workdir
 
