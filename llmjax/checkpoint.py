@@ -18,7 +18,7 @@ import grain
 import orbax.checkpoint as ocp
 from etils import epath
 
-from llmjax import paths
+from llmjax import paths, progress
 
 
 class _IteratorSnapshot:
@@ -71,7 +71,8 @@ class Checkpointer:
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         args = ocp.args.Composite(**items)
-        restored = self.manager.restore(step, args=args)
+        with progress.ticker(f"restoring checkpoint {self.directory / str(step)}"):
+            restored = self.manager.restore(step, args=args)
         logging.info("restored checkpoint at step %d from %s", step, self.directory)
         return restored["state"]
 
@@ -207,6 +208,7 @@ def restore_params(path: str, abstract_params: Any) -> tuple[Any, dict, int]:
         state=ocp.args.PyTreeRestore(item=item, partial_restore=True,
                                      restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
         config=ocp.args.JsonRestore())
-    restored = manager.restore(step, args=args)
+    with progress.ticker(f"restoring the parameters of {directory / str(step)}"):
+        restored = manager.restore(step, args=args)
     manager.close()
     return restored["state"]["params"], restored["config"], step

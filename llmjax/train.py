@@ -21,7 +21,7 @@ import numpy as np
 
 from llmjax import data as data_lib
 from llmjax import metrics as metrics_lib
-from llmjax import sharding, steps
+from llmjax import progress, sharding, steps
 from llmjax.checkpoint import Checkpointer
 from llmjax.data import finetune
 from llmjax.generate import sample_text
@@ -105,6 +105,16 @@ def check_same_model(saved: dict, config, where, fine_tuning: bool = False) -> N
                          "use the original config or a new --workdir.")
 
 
+def draw_curves(workdir: str, say, warn) -> None:
+    """WORKDIR/curves.png (llmjax.plot) at the end of a run. The run itself has finished and
+    saved by then, so a figure that cannot be drawn is a warning, not a failed run."""
+    from llmjax import plot
+    try:
+        say(f"curves: {plot.write_curves(workdir)}")
+    except Exception as e:  # noqa: BLE001
+        warn(f"could not draw {workdir}/curves.png: {type(e).__name__}: {e}")
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains `config` in `workdir` (resuming if a checkpoint is there); returns the last metrics."""
     validate_config(config, workdir)
@@ -176,7 +186,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         # ------------------------------------------------------------------------------------
         # Compile ahead of time: the compile time is measured apart from step times.
         t0 = time.perf_counter()
-        train_step = built.train_step.lower(state, steps.abstract_batch(config, built)).compile()
+        with progress.ticker("compiling the train step"):
+            train_step = built.train_step.lower(state, steps.abstract_batch(config, built)).compile()
         say(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
 
         # ------------------------------------------------------------------------------------
@@ -253,6 +264,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             preemption.close()
             ckpt.close()  # lets an async save finish, also when the loop stops on an error
         writer.close()
+        if is_main:
+            draw_curves(workdir, say, warn)
 
         # ------------------------------------------------------------------------------------
         # Sample: a short continuation from the trained model.

@@ -20,6 +20,7 @@ from typing import Any
 from absl import logging
 import tensorflow_datasets as tfds
 
+from llmjax import progress
 from llmjax.data import documents as documents_lib
 
 DEFAULT_DATA_DIR = "~/.cache/llmjax/tfds"
@@ -66,6 +67,7 @@ class LlmjaxText(tfds.core.GeneratorBasedBuilder):
         # few thousand paths in a log line help nobody. The config name is their hash.
         self._docs = tuple(docs)
         self._held_out = held_out
+        self._progress = None  # a progress bar over the documents while `prepare` builds
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -88,6 +90,8 @@ class LlmjaxText(tfds.core.GeneratorBasedBuilder):
         for doc in self._docs:
             if (doc.path in self._held_out) == validation:
                 yield doc.path, {"text": doc.read(), "path": doc.path}
+                if self._progress is not None:
+                    self._progress.update()
 
 
 def resolve_data_dir(data_cfg) -> str:
@@ -143,8 +147,13 @@ def prepare(data_cfg) -> LlmjaxText:
                 "Building corpus %s (%d documents) in %s once; later runs reuse it.",
                 config_name, len(docs), data_dir,
             )
-            with _quiet_tfds():
-                builder.download_and_prepare()
+            with _quiet_tfds(), progress.bar(total=len(docs), desc=f"corpus {config_name}",
+                                             unit="doc") as bar:
+                builder._progress = bar  # counts each document as TFDS reads it
+                try:
+                    builder.download_and_prepare()
+                finally:
+                    builder._progress = None
     _PREPARED[key] = builder
     return builder
 

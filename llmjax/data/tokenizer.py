@@ -8,8 +8,10 @@ runs allowed as pieces, newlines ordinary characters) and uses byte fallback, so
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -18,6 +20,7 @@ from etils import epath
 import numpy as np
 import sentencepiece as spm
 
+from llmjax import progress
 from llmjax.data import corpus
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -145,9 +148,21 @@ def train_tokenizer(
     """
     start = time.perf_counter()
     model = io.BytesIO()
+    # Progress: a bar while SentencePiece reads the sample (its length is known), then a ticker
+    # while it merges pieces (its length is not).
+    reading = progress.bar(total=max_chars, desc="tokenizer sample", unit="char", unit_scale=True)
+    merging = contextlib.ExitStack()
+
+    def chunks():
+        for chunk in _training_chunks(texts, max_chars):
+            reading.update(len(chunk))
+            yield chunk
+        reading.close()
+        merging.enter_context(progress.ticker(f"training a {vocab_size}-piece tokenizer"))
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_chunks(texts, max_chars),
+            sentence_iterator=chunks(),
             model_writer=model,
             model_type="bpe",
             vocab_size=vocab_size,
@@ -176,6 +191,9 @@ def train_tokenizer(
             f"A vocab_size of {vocab_size} cannot hold every distinct character of the corpus "
             "(SentencePiece said: " + str(e).split("]")[-1].strip() + "); increase the vocab size."
         ) from e
+    finally:
+        reading.close()
+        merging.close()
     tokenizer = Tokenizer(model.getvalue(), path=os.fspath(model_path) if model_path else None)
     if tokenizer.vocab_size < vocab_size:
         logging.warning(
@@ -208,10 +226,15 @@ def load_or_train_tokenizer(data_cfg, vocab_size: int, workdir: str | os.PathLik
     source = corpus.load_split(data_cfg, data_cfg.get("split_train", "train"))
     max_chars = int(data_cfg.get("tokenizer_train_chars", DEFAULT_TRAIN_CHARS))
     from llmjax.data.objectives import reserved_pieces  # pylint: disable=g-import-not-at-top
-    return train_tokenizer(
+    start = time.perf_counter()
+    tokenizer = train_tokenizer(
         _sample_documents(source, max_chars), vocab_size, path, max_chars=max_chars,
         reserved=reserved_pieces(data_cfg),
     )
+    if progress.is_main():
+        print(f"trained a {tokenizer.vocab_size}-piece tokenizer in "
+              f"{time.perf_counter() - start:.1f}s: {path}", file=sys.stderr, flush=True)
+    return tokenizer
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
