@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The two workloads the README compares (GPT-2 style, AdamW).
+# The two workloads docs/performance.md compares (GPT-2 style, AdamW).
 WORKLOADS = {
     "tiny": dict(d_model=256, num_layers=4, num_heads=4, mlp_dim=1024, vocab_size=8192,
                  seq_len=256, batch_size=8),

@@ -15,7 +15,7 @@ On a laptop CPU (the task is built on first use; pretrain a few minutes, fine-tu
     python -m llmjax.main --config=configs/classify_stdlib_modules.py:runlocal \\
         --workdir=/tmp/classify_local --config.init_from=/tmp/bert_local
     python -m llmjax.data.tasks --workdir=/tmp/classify_local    # accuracy vs majority class
-Measured: see README "Fine-tuning encoders and encoder-decoders".
+Measured: see docs/finetuning.md, "Encoders and encoder-decoders".
 """
 
 from llmjax.config import base_config, parse_arg

@@ -12,7 +12,7 @@ GPT-2 replications). On the stdlib corpus, :runlocal (bash scripts/train.sh) mea
 on 2 CPU cores: eval loss 3.55 (perplexity 35) after its 1000 steps, ~9k tokens/s, 4.5 minutes.
 
 Benchmark the train step against the PyTorch reference of the same shape (benchmarks/torch_gpt.py;
-eager and torch.compile, alternating rounds in one process, ratio llmjax/torch; README "Speed"):
+eager and torch.compile, alternating rounds in one process, ratio llmjax/torch; docs/performance.md):
     python -m llmjax.benchmark --config=configs/gpt_small.py:bench_tiny --compare=torch
     python -m llmjax.benchmark --config=configs/gpt_small.py:bench_tiny --compare=torch \
         --config.model.dtype=bfloat16

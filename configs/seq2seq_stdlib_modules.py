@@ -15,7 +15,7 @@ On a laptop CPU (the task is built on first use; pretrain a few minutes, fine-tu
     python -m llmjax.main --config=configs/seq2seq_stdlib_modules.py:runlocal \\
         --workdir=/tmp/seq2seq_local --config.init_from=/tmp/t5_local
     python -m llmjax.data.tasks --workdir=/tmp/seq2seq_local     # exact match vs majority class
-Measured: see README "Fine-tuning encoders and encoder-decoders".
+Measured: see docs/finetuning.md, "Encoders and encoder-decoders".
 """
 
 from llmjax.config import base_config, parse_arg
@@ -36,7 +36,7 @@ def get_config(arg=None):
     if arg.runlocal:
         presets.runlocal(c)
     c.init_from = arg.init_from
-    # T5 fine-tunes with dropout 0.1; these tiny models learned no better with it (README).
+    # T5 fine-tunes with dropout 0.1; these tiny models learned no better with it.
     c.model.dropout_rate = 0.0
     c.data.task = "seq2seq"
     c.data.name = "stdlib_modules"

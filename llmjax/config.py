@@ -74,46 +74,51 @@ def llama_recipe(c: ml_collections.ConfigDict, *, context: int, learning_rate: f
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every key and its default. Each key's comment (the lines right above it and the one at the
+    end of its line) is its description in docs/config.md: `python -m llmjax.config_reference`
+    regenerates that page and tests/test_docs.py fails when it is stale or a key has no comment."""
     c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.total_steps = 1000
+    c.seed = 0  # seeds initialisation, data order, dropout and sampling (keys derive from (seed, step))
+    c.total_steps = 1000  # optimizer steps of the run (the schedule decays over them)
     c.stop_at_step = 0  # >0: checkpoint and exit at this step, resumable (time-sliced jobs, tests)
     c.batch_size = 32  # global, in sequences
-    c.seq_len = 1024
+    c.seq_len = 1024  # tokens per sequence (packed rows; encoder-decoders: the encoder input)
     c.microbatches = 1  # gradient accumulation: the batch is split into this many micro-batches
     # Decoders: the loss is computed this many positions at a time, so the float32
     # [batch, seq_len, vocab] logits are never whole (llmjax/losses.py); 0: all at once.
     c.loss_chunk = 0
-    c.log_every_steps = 10
-    c.eval_every_steps = 200
+    c.log_every_steps = 10  # steps between records in metrics.jsonl, TensorBoard and the console
+    c.eval_every_steps = 200  # steps between evaluations on the validation split
     c.eval_steps = 10  # batches per evaluation
-    c.checkpoint_every_steps = 500
-    c.max_to_keep = 3
-    c.async_checkpointing = True
-    c.peak_flops_per_device = 0.0  # 0: look up the device (or measure it, on CPU)
-    # Reliability (README "Reliability"): what a NaN/Inf loss or gradient does ("stop": end the run
-    # naming the step and the last good checkpoint; "skip": drop that update and count it), whether
-    # a workdir whose checkpoints are all unreadable may start again from step 0, and a test hook
-    # that poisons the batches of the given steps (token ids out of the vocabulary -> NaN loss).
+    c.checkpoint_every_steps = 500  # steps between checkpoints (the last step is always saved)
+    c.max_to_keep = 3  # checkpoints kept in WORKDIR/checkpoints; older ones are deleted
+    c.async_checkpointing = True  # False: the loop waits until each checkpoint is written
+    c.peak_flops_per_device = 0.0  # for MFU; 0: look up the device (or measure it, on CPU)
+    # What a NaN/Inf loss or gradient does (docs/reliability.md): "stop" ends the run naming the
+    # step and the last good checkpoint; "skip" drops that update and counts it.
     c.nonfinite = "stop"
+    # A workdir whose checkpoints are all unreadable may start again from step 0.
     c.allow_fresh_start = False
-    c.fault_nonfinite_steps = ()  # steps (1-based) whose batch is poisoned
+    # Test hook: steps (1-based) whose batch is poisoned (token ids out of the vocabulary -> NaN loss).
+    c.fault_nonfinite_steps = ()
 
     c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
-    c.model.num_kv_heads = 0  # 0: derived (num_heads); kept 0 so a config that changes heads
-    c.model.head_dim = 0  # gets the derived values, not GPT-2 small's.
+    # ModelConfig() fills these two in from num_heads and d_model; 0 keeps them derived, so a
+    # config that changes the heads gets the derived values, not GPT-2 small's.
+    c.model.num_kv_heads = 0
+    c.model.head_dim = 0
 
     c.data = ml_collections.ConfigDict(dict(
         name="stdlib",  # stdlib | text | a TFDS catalog name prepared as array_record
-        files="",  # glob(s) of text files, for name='text'
+        files="",  # glob(s) of text files, for name='text' (fine-tuning: the training JSONL file(s))
         data_dir="",  # where built/prepared TFDS datasets live ('' = ~/.cache/llmjax/tfds)
-        text_key="text",
-        split_train="train",
-        split_eval="validation",
-        validation_fraction=0.02,
+        text_key="text",  # the text feature of a TFDS dataset (classification: the JSON key)
+        split_train="train",  # the TFDS split trained on
+        split_eval="validation",  # the TFDS split evaluated on
+        validation_fraction=0.02,  # name='text': share of the documents held out for validation
         tokenizer="",  # path to a SentencePiece .model; '' trains one into the workdir
-        tokenizer_train_chars=5_000_000,
-        num_workers=0,
+        tokenizer_train_chars=5_000_000,  # characters sampled to train a new tokenizer
+        num_workers=0,  # Grain worker processes (0: in the training process)
         shuffle_tokens=1 << 19,  # packed rows are shuffled in windows of this many tokens
         # Pretraining objective (llmjax/data/objectives.py): causal_lm | mlm | span_corruption |
         # text_infilling. The last three need a tokenizer with a mask id and sentinel ids.
@@ -121,21 +126,30 @@ def base_config() -> ml_collections.ConfigDict:
         mask_rate=0.15,  # mlm: share of tokens scored (80% [MASK], 10% random, 10% kept)
         mask_dynamic=True,  # mlm: a new mask each time (RoBERTa) or one per document (BERT)
         noise_density=0.15,  # span_corruption: share of tokens dropped into the targets
-        mean_noise_span_length=3.0,
+        mean_noise_span_length=3.0,  # span_corruption: mean length of a dropped span
         num_sentinels=100,  # sentinel ids a trained tokenizer reserves (T5: 100 extra ids)
         # span_corruption: sentinel i is id vocab_size + num_sentinels - 1 - i, past the
         # tokenizer's pieces (Hugging Face T5's <extra_id_i>), not a piece of its own; the decoder
         # then starts from pad, as T5's. `python -m llmjax.convert` sets it for a converted T5.
         sentinels_at_top=False,
         infilling_rate=0.3,  # text_infilling: share of tokens masked, in Poisson-length spans
-        poisson_lambda=3.0,
+        poisson_lambda=3.0,  # text_infilling: mean span length
         permute_sentences=0.0,  # text_infilling: share of rows whose lines are shuffled (BART 1.0)
     ))
 
     c.optim = ml_collections.ConfigDict(dict(
-        name="adamw", learning_rate=6e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
-        no_decay=r"(^|/)(bias|scale|embedding)$", grad_clip_norm=1.0, schedule="cosine",
-        warmup_steps=100, min_lr_ratio=0.1, decay_fraction=0.2,
+        name="adamw",  # adamw | adafactor (llmjax/optim.py)
+        learning_rate=6e-4,  # peak learning rate
+        b1=0.9,  # AdamW first-moment decay
+        b2=0.95,  # AdamW second-moment decay
+        eps=1e-8,  # AdamW epsilon
+        weight_decay=0.1,  # decoupled: each step subtracts lr(t) * weight_decay * param
+        no_decay=r"(^|/)(bias|scale|embedding)$",  # regex of parameter paths with no weight decay
+        grad_clip_norm=1.0,  # clip gradients to this global norm first (0 disables)
+        schedule="cosine",  # cosine | linear | constant | rsqrt | wsd
+        warmup_steps=100,  # linear warmup from 0 to the peak
+        min_lr_ratio=0.1,  # final lr / peak for cosine, linear and wsd
+        decay_fraction=0.2,  # wsd: share of all steps taken by the final linear decay
     ))
 
     # Fine-tuning: start from another run's parameters (a workdir, its checkpoints/ folder or one
@@ -143,35 +157,40 @@ def base_config() -> ml_collections.ConfigDict:
     # Used only while the workdir has no checkpoint of its own (a restart resumes as usual).
     c.init_from = ""
     c.optim.freeze = ""  # regex of parameter paths kept frozen, e.g. "embedding$"
-    c.data.task = "lm"  # lm: language modelling on text | sft: JSONL {"prompt", "response"} |
+    # lm: language modelling on text | sft: JSONL {"prompt", "response"} |
     # seq2seq: JSONL {"input", "target"} | classification: JSONL {"text", "label"}
-    c.data.eval_files = ""  # sft: JSONL file(s) of evaluation examples (train ones: data.files)
-    c.data.prompt_key = "prompt"  # sft from a TFDS dataset (data.name): its two text features
-    c.data.response_key = "response"
-    # seq2seq (encoder-decoders): JSONL {"input", "target"}; classification (encoders): JSONL
-    # {"text", "label"} (text feature: data.text_key). The JSON keys / TFDS features are
-    # configurable; data.labels lists the label strings in id order (saved with the run's config,
-    # so evaluation and prediction use the same mapping); model.num_labels must equal its length.
-    c.data.input_key = "input"
-    c.data.target_key = "target"
-    c.data.label_key = "label"
+    c.data.task = "lm"
+    c.data.eval_files = ""  # fine-tuning: JSONL file(s) of evaluation examples (train ones: data.files)
+    c.data.prompt_key = "prompt"  # sft: the JSON key / TFDS feature of the prompt
+    c.data.response_key = "response"  # sft: the JSON key / TFDS feature of the response
+    c.data.input_key = "input"  # seq2seq (encoder-decoders): the JSON key / TFDS feature of the input
+    c.data.target_key = "target"  # seq2seq: the JSON key / TFDS feature of the target
+    c.data.label_key = "label"  # classification (encoders): the JSON key / TFDS feature of the label
+    # classification: the label strings in id order (saved with the run's config, so evaluation and
+    # prediction use the same mapping); model.num_labels must equal its length.
     c.data.labels = ()
     c.data.target_len = 0  # seq2seq: decoder length (0: seq_len)
 
-    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor)
-    # Multi-slice (TPU slices over DCN) or multi-node GPU: how the slices / nodes lay out over the
-    # same axes; mesh.shape is then one slice. (2, 1, 1): data parallel over two slices.
-    c.mesh.dcn_shape = (1, 1, 1)
-    c.sharding_rules = DEFAULT_RULES
+    c.mesh = ml_collections.ConfigDict(dict(
+        shape=(-1, 1, 1),  # devices along (data, fsdp, tensor); one entry may be -1 (the rest)
+        # Multi-slice (TPU slices over DCN) or multi-node GPU: how the slices / nodes lay out over
+        # the same axes; mesh.shape is then one slice. (2, 1, 1): data parallel over two slices.
+        dcn_shape=(1, 1, 1),
+    ))
+    c.sharding_rules = DEFAULT_RULES  # logical axis name -> mesh axes (llmjax/sharding.py)
 
-    c.sample = ml_collections.ConfigDict(dict(prompt="def", max_new_tokens=64, temperature=0.8,
-                                              top_k=40))  # temperature 0: greedy
+    c.sample = ml_collections.ConfigDict(dict(
+        prompt="def",  # the end-of-run sample's prompt
+        max_new_tokens=64,  # tokens the end-of-run sample and llmjax.generate write (0: no sample)
+        temperature=0.8,  # softmax temperature (0: greedy)
+        top_k=40,  # sample from the k likeliest tokens (0: all)
+    ))
     c.sample.top_p = 1.0  # nucleus sampling: keep the fewest tokens whose probability reaches it
     c.sample.seed = 0  # the same seed gives the same sample
     # Encoder-decoders: num_beams > 1 decodes by beam search, ranking finished outputs of n tokens
     # by logprob / ((5 + n) / 6) ** length_penalty (0: total log-probability; llmjax/beam_search.py).
     c.sample.num_beams = 1
-    c.sample.length_penalty = 0.6
+    c.sample.length_penalty = 0.6  # beam search: the exponent in the ranking (see num_beams)
     return c
 
 

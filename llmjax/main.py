@@ -81,7 +81,7 @@ def one_line(error: BaseException) -> str:
 
 def run(config, workdir: str) -> dict:
     """Validates, then trains. Config errors raise before the workdir is created or touched;
-    see the README's "Bad configs and data" table."""
+    see the "Bad configs and data" table in docs/configs.md."""
     from llmjax.train import train_and_evaluate
     from llmjax.validate import validate_config
     from llmjax import paths

@@ -2,8 +2,8 @@
 
 Each failure is one ValueError (or FileNotFoundError) sentence naming the key, its value and the
 fix. Checks that need the mesh live in `steps.validate`, those that need the data in `llmjax.data`;
-the README's "Bad configs and data" table lists all of them, and tests/test_bad_input.py has one
-test per row.
+the "Bad configs and data" table in docs/configs.md lists all of them, and
+tests/test_bad_input.py has one test per row.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Every error a user can cause from the config or the data: one line, before compilation, and the
-existing workdir is left as it was. One test per row of the README's "Bad configs and data" table.
+existing workdir is left as it was. One test per row of the "Bad configs and data" table in
+docs/configs.md.
 
 The runs go through `llmjax.main.run` (what `python -m llmjax.main` calls) in this process; the
 command line's own `error:` printing is covered in test_train.py::test_bad_input_is_one_line.

@@ -61,7 +61,7 @@ def test_relative_position_buckets_match_t5():
 @pytest.mark.parametrize("style", ["t5", "t5_v1_1"])
 def test_t5_starts_from_t5x_initialisers(style):
     """Fan-in scaling with head_dim**-0.5 folded into the query and N(0, 1) token embeddings (with
-    0.02 everywhere the tiny T5 learned nothing of the shipped seq2seq task: README)."""
+    0.02 everywhere the tiny T5 learned nothing of the shipped seq2seq task: docs/finetuning.md)."""
     cfg = fh.tiny_model_cfg(style, d_model=64, num_heads=4, mlp_dim=256, vocab_size=256)
     _, params = fh.make(cfg)
     d, f, hd = cfg.d_model, cfg.mlp_dim, cfg.head_dim

@@ -1,5 +1,5 @@
 """Every fast path gives the plain path's loss and gradients: the one-pass cross-entropy, the
-chunked loss, the named remat policies and bfloat16 compute (README "Performance")."""
+chunked loss, the named remat policies and bfloat16 compute (docs/performance.md)."""
 
 import dataclasses
 

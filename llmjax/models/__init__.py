@@ -16,37 +16,41 @@ class ModelConfig:
     """The `model` section, frozen and typed (NNX keeps it in the static graph definition)."""
 
     family: str = "decoder"  # decoder | encoder (BERT, RoBERTa) | encoder_decoder (T5, BART)
-    vocab_size: int = 50257
-    d_model: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
+    vocab_size: int = 50257  # rows of the token embedding (at least the tokenizer's pieces)
+    d_model: int = 768  # width of the residual stream
+    num_layers: int = 12  # transformer blocks (encoder_decoder: the encoder's)
+    num_heads: int = 12  # attention (query) heads
     num_kv_heads: int = 0  # 0: same as num_heads (multi-head attention)
     head_dim: int = 0  # 0: d_model // num_heads
-    mlp_dim: int = 3072
-    max_len: int = 1024
+    mlp_dim: int = 3072  # hidden width of the MLP
+    max_len: int = 1024  # longest sequence (rows of learned position embeddings)
     position: str = "learned"  # learned | rope | relative (T5 buckets)
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # position='rope': base of the rotary frequencies
     norm: str = "layernorm"  # layernorm | rmsnorm
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5  # epsilon of the norm's variance
     activation: str = "gelu"  # gelu (tanh) | swiglu | gelu_exact (erf) | relu | gated_gelu
-    use_bias: bool = True
-    tie_embeddings: bool = True
-    dropout_rate: float = 0.0
-    init_std: float = 0.02
+    use_bias: bool = True  # biases in the dense layers and norms
+    tie_embeddings: bool = True  # the output head reuses the token embedding
+    dropout_rate: float = 0.0  # dropout rate while training (0: none)
+    init_std: float = 0.02  # standard deviation of the normal initialiser
     # normal: every weight N(0, init_std), residual writers / sqrt(2 layers) (GPT-2, BERT);
     # t5: T5X's fan-in variance scaling, embeddings N(0, 1) (encoder_decoder only; see layers.init_std)
     init: str = "normal"
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"
-    remat_policy: str = "none"  # decoder.REMAT_POLICIES: none | minimal | save_qkv_proj | full
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
+    param_dtype: str = "float32"  # dtype the parameters are stored in
+    # What the backward pass keeps (decoder.REMAT_POLICIES), from most memory to least: none |
+    # minimal | save_dot_except_mlpwi | save_dot_except_mlp | save_qkv_proj | save_out_proj |
+    # full; also JAX's dots | dots_no_batch
+    remat_policy: str = "none"
     # auto: resolved per platform by resolve_attention (splash on TPU, cudnn on GPU where it
     # applies, else xla) | xla (portable) | cudnn (fused kernel, NVIDIA GPUs, bf16/fp16) |
     # splash (Pallas TPU flash kernel, decoder; Pallas interpret mode elsewhere, for tests)
     attention: str = "auto"
     # Encoder and encoder-decoder families (models/encoder.py, models/encoder_decoder.py).
+
     num_decoder_layers: int = 0  # encoder_decoder: 0 = same as num_layers (the encoder's)
     relative_attention_num_buckets: int = 32  # position='relative' (T5): buckets per stack
-    relative_attention_max_distance: int = 128
+    relative_attention_max_distance: int = 128  # position='relative': distance of the last bucket
     type_vocab_size: int = 0  # token-type (segment A/B) embeddings; BERT 2, RoBERTa 1, else 0
     position_offset: int = 0  # learned positions start at this row (RoBERTa, BART: 2)
     post_norm: bool = False  # post-LN blocks x = norm(x + f(x)) and a norm on the embeddings
