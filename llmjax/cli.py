@@ -51,14 +51,14 @@ def parse_flags(argv):
 
 
 def _config_spec(argv) -> str | None:
-    """The value of --config (FILE or FILE:ARG) on the command line, if any."""
+    """The value of --config (FILE or FILE:ARG) on the command line (the last one wins)."""
+    spec = None
     for i, arg in enumerate(argv[1:], 1):
         match = re.match(r"^--?config(=(.*))?$", arg)
         if match:
-            if match.group(1) is not None:
-                return match.group(2)
-            return argv[i + 1] if i + 1 < len(argv) else None
-    return None
+            spec = match.group(2) if match.group(1) is not None else (
+                argv[i + 1] if i + 1 < len(argv) else None)
+    return spec
 
 
 def _check_config_file(spec: str) -> None:
@@ -71,8 +71,8 @@ def _check_config_file(spec: str) -> None:
     hint = f"; did you mean {str(folder / close[0])!r}?" if close else (
         f"; the config files are in {folder}/." if names else
         "; give a config file, e.g. --config=configs/gpt_small.py:runlocal.")
-    what = "is a directory, not a file" if path.is_dir() else "does not exist"
-    fail(f"--config file {str(path)!r} {what}{hint}")
+    what = "is a directory, not a file" if path.is_dir() else "No such file"
+    fail(f"cannot load the --config file {str(path)!r}: {what}{hint}")
 
 
 def _last_line(text: str) -> str:
