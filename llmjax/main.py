@@ -35,6 +35,7 @@ def main(argv):
     import jax
     if COORDINATOR.value or DISTRIBUTED.value:
         jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+    from llmjax.checkpoint import CheckpointWriteError
     from llmjax.train import NonFiniteError
     logging.set_verbosity(logging.WARNING)
     try:
@@ -43,6 +44,8 @@ def main(argv):
         cli.fail(one_line(e))
     except NonFiniteError as e:  # the run diverged: not a usage error, so another exit status
         cli.fail(one_line(e), code=3)
+    except CheckpointWriteError as e:  # full disk or failing storage; the last checkpoint is kept
+        cli.fail(one_line(e), code=4)
 
 
 def one_line(error: BaseException) -> str:
