@@ -75,6 +75,7 @@ def _files(step_dir: epath.Path) -> dict[str, epath.Path]:
     """Every file of a step's items (state/, data/, config/, loop/; relative name -> path). The
     step folder's own files (Orbax's _CHECKPOINT_METADATA and commit marker, rewritten when the
     step is committed, and the manifest) are not item data and are left out."""
+    step_dir = epath.Path(step_dir)
     out, stack = {}, [c for c in step_dir.iterdir() if c.is_dir()]
     while stack:
         for child in stack.pop().iterdir():
@@ -87,6 +88,7 @@ def _files(step_dir: epath.Path) -> dict[str, epath.Path]:
 
 def write_manifest(step_dir: epath.Path) -> None:
     """Records the size and SHA-256 of every file of a finished step in STEP/manifest.json."""
+    step_dir = epath.Path(step_dir)
     files = {name: {"size": path.stat().length, "sha256": _hash(path)}
              for name, path in sorted(_files(step_dir).items())}
     tmp = step_dir / f"{MANIFEST}.tmp"
@@ -98,6 +100,7 @@ def verify_step(step_dir: epath.Path) -> bool:
     """Checks a step's files against its manifest; raises DamagedCheckpoint naming the first
     file that is missing or differs. Returns False when the step has no manifest (saved before
     manifests existed), True when every file matches."""
+    step_dir = epath.Path(step_dir)
     manifest = step_dir / MANIFEST
     if not manifest.exists():
         return False
