@@ -399,8 +399,14 @@ def restore_params(path: str, abstract_params: Any) -> tuple[Any, dict, int]:
     """Only the parameters (and the saved config) of a checkpoint, for fine-tuning and generation.
 
     `abstract_params` carries the target shardings; the optimizer state on disk is not read.
-    Returns (params, saved config dict, step)."""
+    Returns (params, saved config dict, step). A step that differs from its manifest is refused
+    (DamagedCheckpoint, a ValueError naming the file)."""
     directory, step = resolve(path)
+    try:
+        verify_step(directory / str(step))
+    except DamagedCheckpoint as e:
+        raise DamagedCheckpoint(f"the checkpoint {directory / str(step)} is damaged ({e}); give "
+                                "another step's folder, e.g. checkpoints/<step>.") from e
     manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(read_only=True),
         item_handlers={"state": ocp.PyTreeCheckpointHandler(),
