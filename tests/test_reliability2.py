@@ -2,7 +2,9 @@
 the previous step restored), `python -m llmjax.checkpoint verify`, a full disk during an async
 save (the previous checkpoint stays, one line, non-zero exit) and metric writes that fail."""
 
+import contextlib
 import errno
+import io
 import os
 import pathlib
 import shutil
@@ -10,7 +12,6 @@ import subprocess
 import sys
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from llmjax import checkpoint as ckpt_lib
@@ -99,6 +100,7 @@ def test_detection_rate_over_random_positions(saved_run, tmp_path):
     assert detected == trials
 
 
+@pytest.mark.slow
 def test_flipped_bytes_fall_back_to_the_previous_step(saved_run, tokenizer_path, tmp_path,
                                                       capsys):
     """The issue's case: one byte flipped in each of the three largest files of the newest
@@ -128,6 +130,7 @@ def test_flipped_bytes_fall_back_to_the_previous_step(saved_run, tokenizer_path,
     assert ckpt_lib.verify(str(workdir), out=lambda line: None) == 0  # 2, 4 and 6 all whole
 
 
+@pytest.mark.slow
 def test_full_disk_during_async_save(devices, tokenizer_path, tmp_path):
     """ENOSPC from Orbax's writer while the async save of step 4 is written: the run stops with one
     line (exit 4) naming the path and the free space; step 2 stays whole; the next start removes
@@ -163,11 +166,10 @@ def test_full_disk_during_async_save(devices, tokenizer_path, tmp_path):
 
     # The disk has room again, but TensorBoard's folder cannot be written: the run goes on.
     failing = pytest.MonkeyPatch()
+
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     failing.setattr(metrics_lib.MetricWriter, "_write_tb", no_space)
-    import io
-    import contextlib
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
@@ -185,6 +187,7 @@ def test_full_disk_during_async_save(devices, tokenizer_path, tmp_path):
 
 def test_metrics_file_that_cannot_be_written_warns_once(tmp_path, monkeypatch, capsys):
     writer = metrics_lib.MetricWriter(str(tmp_path))
+
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(writer, "_write_line", no_space)
