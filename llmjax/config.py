@@ -196,17 +196,29 @@ def base_config() -> ml_collections.ConfigDict:
 
 def parse_arg(arg: str | None, **defaults):
     """big_vision-style variant args: 'runlocal' or 'runlocal,key=value' -> ConfigDict of values
-    typed like the defaults (a bare name sets a bool default to True)."""
+    typed like the defaults (a bare name sets a bool default to True). An unknown name or a value
+    of the wrong type raises one ValueError sentence naming it (with the closest known name)."""
+    import difflib
     out = ml_collections.ConfigDict(defaults)
     for part in filter(None, (arg or "").split(",")):
         key, _, value = part.partition("=")
         if key not in defaults:
-            raise ValueError(f"config arg {key!r} is not one of {sorted(defaults)}.")
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"config arg {key!r} is not one of {sorted(defaults)}; {hint}"
+                             "variants follow the file name, e.g. FILE.py:runlocal.")
         kind = type(defaults[key])
         if kind is bool:
+            if value.lower() not in ("", "1", "true", "yes", "0", "false", "no"):
+                raise ValueError(f"config arg {key}={value!r} is not a boolean; write {key} "
+                                 f"(true) or {key}=false.")
             out[key] = value.lower() in ("", "1", "true", "yes")
         else:
-            out[key] = kind(value)
+            try:
+                out[key] = kind(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"config arg {key}={value!r} is not a {kind.__name__}; write "
+                                 f"{key}=<{kind.__name__}>.") from None
     return out
 
 

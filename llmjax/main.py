@@ -35,6 +35,7 @@ def main(argv):
         cli.fail("--workdir is required: the directory for checkpoints, metrics and the tokenizer.")
     if COORDINATOR.value or DISTRIBUTED.value:
         initialize_distributed()
+    from llmjax.checkpoint import CheckpointWriteError
     from llmjax.train import NonFiniteError
     logging.set_verbosity(logging.WARNING)
     from llmjax import multihost
@@ -46,6 +47,9 @@ def main(argv):
     except NonFiniteError as e:  # the run diverged: not a usage error, so another exit status
         multihost.abandon()
         cli.fail(one_line(e), code=3)
+    except CheckpointWriteError as e:  # full disk or failing storage; the last checkpoint is kept
+        multihost.abandon()
+        cli.fail(one_line(e), code=5)
     except Exception as e:  # a collective failing because another process died: say which
         multihost.explain_failure(e)
         multihost.abandon()

@@ -13,6 +13,8 @@ reaches on that machine, not to a hardware specification.
 import json
 import logging
 import math
+import os
+import sys
 import time
 
 import jax
@@ -66,6 +68,7 @@ class MetricWriter:
     def __init__(self, workdir: str, *, enabled: bool = True):
         self.enabled = enabled
         self._file = self._tb = None
+        self._warned = set()
         if enabled:
             directory = paths.path(workdir)
             directory.mkdir(parents=True, exist_ok=True)
@@ -80,17 +83,34 @@ class MetricWriter:
         record = {"step": step}
         record.update({k: _plain(v) for k, v in metrics.items() if k != "step"})
         line = json.dumps({k: _json_safe(v) for k, v in record.items()}, allow_nan=False)
+        # A full disk or a failing mount must not stop a healthy run: a failed write is reported
+        # once (per file) and the run goes on; the checkpoints are what a resume needs.
+        self._guarded(self.path, self._write_line, line)
+        self._guarded(os.path.dirname(self.path) + "/tb", self._write_tb, record, step)
+
+    def _write_line(self, line: str):
         self._file.write(line + "\n")
         self._file.flush()
+
+    def _write_tb(self, record: dict, step: int):
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._tb.add_scalar(key, value, step)
         self._tb.flush()
 
+    def _guarded(self, where: str, fn, *args):
+        try:
+            fn(*args)
+        except OSError as e:
+            if where not in self._warned:
+                self._warned.add(where)
+                print(f"warning: cannot write {where} ({e.strerror or e}); training goes on, "
+                      "this is reported once.", file=sys.stderr, flush=True)
+
     def close(self):
         if self._file is not None:
-            self._file.close()
-            self._tb.close()
+            self._guarded(self.path, self._file.close)
+            self._guarded(os.path.dirname(self.path) + "/tb", self._tb.close)
             self._file = self._tb = None
 
     def __enter__(self):

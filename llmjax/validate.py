@@ -67,6 +67,7 @@ def validate_config(config, workdir: str | None = None) -> None:
         raise ValueError(f"fault_nonfinite_steps={steps!r} must list step numbers >= 1 (steps "
                          "count from 1), e.g. --config.fault_nonfinite_steps='(5,)'.")
     _validate_task(config)
+    check_ignored_keys(config)
     paths.check_reachable(config.data.tokenizer, "data.tokenizer")
     if config.data.tokenizer and not paths.path(config.data.tokenizer).exists():
         raise FileNotFoundError(f"data.tokenizer={config.data.tokenizer!r} does not exist; give "
@@ -111,6 +112,92 @@ def _validate_task(config) -> None:
     elif num_labels:
         raise ValueError(f"model.num_labels={num_labels} (a classification head) needs "
                          f"data.task='classification', not {task!r}; set model.num_labels=0.")
+
+
+# Keys that only matter for another data.name, data.task, data.objective or model.family. A key
+# set away from its base_config() default where it has no effect would be silently ignored (the
+# run would train on something else than the user asked for), so it is refused in one line:
+# (keys, whether they apply to this config, when they apply, the setting that makes them apply).
+def _lm(c):
+    return c.data.get("task", "lm") == "lm"
+
+
+def _shipped_task(c):
+    if _lm(c):
+        return False
+    from llmjax.data import tasks  # pylint: disable=g-import-not-at-top
+    return c.data.get("name", "") in tasks.TASKS
+
+
+def _objective(name):
+    return lambda c: c.data.get("objective", "causal_lm") == name
+
+
+def _files_apply(c):
+    return c.data.get("name", "stdlib") == "text" if _lm(c) else not _shipped_task(c)
+
+
+def _files_fix(c):
+    if _lm(c):
+        return "set --config.data.name=text to train on them, or drop the key"
+    return (f"data.name={c.data.name!r} is a task shipped with its own examples; set "
+            "--config.data.name='' to read the files instead, or drop the key")
+
+
+IGNORED_UNLESS = (
+    (("data.files",), _files_apply,
+     "data.name='text' (language modelling) or a fine-tuning data.task (sft, seq2seq, "
+     "classification) without a shipped data.name", _files_fix),
+    (("data.eval_files",), lambda c: not _lm(c) and not _shipped_task(c),
+     "a fine-tuning data.task (sft, seq2seq, classification) reads its evaluation examples from "
+     "files", lambda c: ("language modelling holds out data.validation_fraction of the documents "
+                         "instead; drop the key" if _lm(c) else _files_fix(c))),
+    (("data.prompt_key", "data.response_key"), lambda c: c.data.get("task") == "sft",
+     "data.task='sft'", lambda c: "set --config.data.task=sft or drop the key"),
+    (("data.input_key", "data.target_key", "data.target_len"),
+     lambda c: c.data.get("task") == "seq2seq", "data.task='seq2seq'",
+     lambda c: "set --config.data.task=seq2seq or drop the key"),
+    (("data.label_key", "data.labels"), lambda c: c.data.get("task") == "classification",
+     "data.task='classification'",
+     lambda c: "set --config.data.task=classification (and model.num_labels) or drop the key"),
+    # (A fine-tuning config made from a pretraining one keeps its objective and settings.)
+    (("data.mask_rate", "data.mask_dynamic"), _objective("mlm"), "data.objective='mlm'",
+     lambda c: "set --config.data.objective=mlm or drop the key"),
+    (("data.noise_density", "data.mean_noise_span_length"), _objective("span_corruption"),
+     "data.objective='span_corruption'",
+     lambda c: "set --config.data.objective=span_corruption or drop the key"),
+    (("data.infilling_rate", "data.poisson_lambda", "data.permute_sentences"),
+     _objective("text_infilling"), "data.objective='text_infilling'",
+     lambda c: "set --config.data.objective=text_infilling or drop the key"),
+    (("data.split_train", "data.split_eval"),
+     lambda c: c.data.get("name", "stdlib") not in ("stdlib", "text", "")
+     and not _shipped_task(c) and not (not _lm(c) and c.data.get("files")),
+     "data.name is a TFDS dataset (the local corpora and files hold out "
+     "data.validation_fraction or use data.eval_files)",
+     lambda c: "set --config.data.name to a prepared TFDS dataset or drop the key"),
+    (("sample.num_beams",), lambda c: c.model.get("family", "decoder") == "encoder_decoder",
+     "model.family='encoder_decoder' (beam search; decoders sample with temperature, top_k, "
+     "top_p)", lambda c: "drop the key (or use an encoder-decoder config)"),
+    (("sample.length_penalty",), lambda c: c.sample.get("num_beams", 1) > 1,
+     "beam search (sample.num_beams > 1, encoder-decoders)",
+     lambda c: "set --config.sample.num_beams=4 or similar, or drop the key"),
+)
+
+
+def check_ignored_keys(config) -> None:
+    """Refuses a key set (away from its default) where this config never reads it."""
+    from llmjax.config import base_config  # pylint: disable=g-import-not-at-top
+    defaults = base_config()
+    for keys, applies, when, fix in IGNORED_UNLESS:
+        for key in keys:
+            section, name = key.split(".")
+            value = config[section].get(name, defaults[section][name])
+            default = defaults[section][name]
+            if isinstance(value, (list, tuple)):
+                value, default = tuple(value), tuple(default)
+            if value != default and not applies(config):
+                raise ValueError(f"{key}={value!r} only applies when {when}, so this run would "
+                                 f"ignore it: {fix(config)}.")
 
 
 def _check_tokenizer_file(path: str) -> None:

@@ -7,8 +7,11 @@ command line's own `error:` printing is covered in test_train.py::test_bad_input
 """
 
 import hashlib
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -113,6 +116,42 @@ ROWS = {
                                   "TFDS dataset 'no_such_dataset' (split 'train') is not prepared"),
     "tokenizer larger than the vocabulary": ({"model.vocab_size": 100},
                                              "has 512 pieces but model.vocab_size is 100"),
+    # Keys that only apply to another data.name, data.task, data.objective or model.family
+    # (validate.IGNORED_UNLESS): set where the run would never read them.
+    "data.files without data.name=text": ({"data.files": "/my/corpus/*.txt"},
+                                          "data.files='/my/corpus/*.txt' only applies when "
+                                          "data.name='text'"),
+    "data.files with a shipped task": ({"data.task": "sft", "data.name": "stdlib_modules",
+                                        "data.files": "/my/train.jsonl"},
+                                       "data.name='stdlib_modules' is a task shipped with its own"),
+    "data.eval_files for language modelling": ({"data.eval_files": "/my/eval.jsonl"},
+                                               "data.eval_files='/my/eval.jsonl' only applies"),
+    "sft keys without data.task=sft": ({"data.prompt_key": "question"},
+                                       "data.prompt_key='question' only applies when "
+                                       "data.task='sft'"),
+    "seq2seq keys without data.task=seq2seq": ({"data.target_len": 16},
+                                               "data.target_len=16 only applies when "
+                                               "data.task='seq2seq'"),
+    "labels without data.task=classification": ({"data.labels": ("neg", "pos")},
+                                                "data.labels=('neg', 'pos') only applies when "
+                                                "data.task='classification'"),
+    "mlm keys without data.objective=mlm": ({"data.mask_rate": 0.3},
+                                            "data.mask_rate=0.3 only applies when "
+                                            "data.objective='mlm'"),
+    "span corruption keys without its objective": ({"data.noise_density": 0.3},
+                                                   "data.noise_density=0.3 only applies when "
+                                                   "data.objective='span_corruption'"),
+    "infilling keys without its objective": ({"data.permute_sentences": 1.0},
+                                             "data.permute_sentences=1.0 only applies when "
+                                             "data.objective='text_infilling'"),
+    "TFDS splits on a local corpus": ({"data.split_eval": "test"},
+                                      "data.split_eval='test' only applies when data.name is a "
+                                      "TFDS dataset"),
+    "beams for a decoder": ({"sample.num_beams": 4},
+                            "sample.num_beams=4 only applies when "
+                            "model.family='encoder_decoder'"),
+    "length penalty without beams": ({"sample.length_penalty": 1.0},
+                                     "sample.length_penalty=1.0 only applies when beam search"),
     # Config against the workdir's checkpoint.
     "model differs from the checkpoint": ({"model.d_model": 64},
                                           "model.d_model=32 there but 64 now"),
@@ -163,3 +202,63 @@ def test_fewer_documents_than_processes(tokenizer_path, tmp_path):
     with pytest.raises(ValueError, match=r"fewer than the 2 processes"):
         data_lib.make_train_iterator(config.data, tokenizer, seq_len=32, batch_size=8, seed=0,
                                      process_index=0, process_count=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line: a config that fails to load is one line, whether or not overrides follow.
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def broken_configs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("broken_configs")
+    (folder / "syntax.py").write_text("def get_config(arg=None)\n    return None\n")
+    (folder / "name.py").write_text("def get_config(arg=None):\n    return undefined_name\n")
+    return folder
+
+
+CLI_ROWS = {
+    "misspelt file, then an override": (
+        ["--config=configs/gpt_smal.py", "--config.total_steps=3"],
+        "cannot load the --config file 'configs/gpt_smal.py': No such file; did you mean "
+        "'configs/gpt_small.py'?"),
+    "misspelt file": (["--config=configs/gpt_smal.py"], "did you mean 'configs/gpt_small.py'?"),
+    "misspelt folder": (["--config=config/gpt_small.py"], "did you mean 'configs/gpt_small.py'?"),
+    "a folder": (["--config=configs"], "'configs': is a directory, not a file"),
+    "misspelt variant": (["--config=configs/gpt_small.py:runlokal"],
+                         "config arg 'runlokal' is not one of ['bench_tiny', 'runlocal']; did you "
+                         "mean 'runlocal'?"),
+    "misspelt variant, then an override": (
+        ["--config=configs/gpt_small.py:runlokal", "--config.total_steps=3"],
+        "did you mean 'runlocal'?"),
+    "variant value not a boolean": (["--config=configs/gpt_small.py:runlocal=ture"],
+                                    "config arg runlocal='ture' is not a boolean"),
+    "syntax error in the file": (["--config={broken}/syntax.py", "--config.total_steps=3"],
+                                 "syntax.py' failed to load: line 1: SyntaxError"),
+    "error raised by the file": (["--config={broken}/name.py"],
+                                 "name.py' failed to load: line 2: NameError: name "
+                                 "'undefined_name' is not defined"),
+    "misspelt override key": (["--config=configs/gpt_small.py", "--config.total_stepz=3"],
+                              "Did you mean \"total_steps\" instead of \"total_stepz\"?"),
+    "files without data.name=text": (["--config=configs/gpt_small.py:runlocal",
+                                      "--config.data.files=/my/corpus/*.txt"],
+                                     "data.files='/my/corpus/*.txt' only applies when "
+                                     "data.name='text'"),
+}
+
+
+@pytest.mark.parametrize("name", CLI_ROWS)
+def test_config_that_does_not_load_is_one_line(trained_workdir, broken_configs, name):
+    args, message = CLI_ROWS[name]
+    args = [a.format(broken=broken_configs) for a in args]
+    before = tree_files(trained_workdir)
+    out = subprocess.run([sys.executable, "-m", "llmjax.main", *args,
+                          f"--workdir={trained_workdir}"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT)))
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
+    assert message in lines[0], lines[0]
+    assert tree_files(trained_workdir) == before
