@@ -153,9 +153,17 @@ _FORMATS = {
     "tokens_per_sec": lambda v: f"{_si(v)} tok/s",
     "mfu": lambda v: f"mfu {100 * v:.1f}%",
     "step_time_ms": lambda v: f"{v:.0f} ms/step",
+    "host_rss_mib": lambda v: f"rss {v / 1024:.2f} GiB",
     "eval_loss": lambda v: f"eval_loss {v:.3f}",
     "eval_perplexity": lambda v: f"eval_ppl {v:.2f}",
 }
+
+
+def host_rss_mib() -> float:
+    """This process's resident host memory (MiB): logged with every train record, so a leak over
+    a long run shows in metrics.jsonl (tests/test_long_run.py bounds its growth)."""
+    import psutil  # pylint: disable=g-import-not-at-top
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def format_line(step: int, total_steps: int | None, metrics: dict) -> str:

@@ -225,6 +225,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     record["tokens_per_sec"] = tokens_per_step * steps_since_log / elapsed
                     record["mfu"] = metrics_lib.mfu(record["tokens_per_sec"], flops_per_token,
                                                     jax.device_count(), peak)
+                    record["host_rss_mib"] = metrics_lib.host_rss_mib()
                     writer.write(step, record)
                     say(metrics_lib.format_line(step, config.total_steps, record))
                     last.update(record)

@@ -260,7 +260,7 @@ def test_tpu_vm_worker_setup_clones_and_keeps_the_venv(gcloud, tmp_path):
     venv.mkdir(parents=True)
     (home / "llmjax" / "stale.txt").write_text("from a copied tree")
     locks = [ROOT / "requirements" / "lock.txt", ROOT / "requirements" / "tpu-lock.txt",
-             ROOT / "pyproject.toml"]
+             ROOT / "requirements" / "gcs-lock.txt", ROOT / "pyproject.toml"]
     stamp = subprocess.run(["cksum"], input=b"".join(p.read_bytes() for p in locks),
                            capture_output=True, check=True).stdout.decode()
     (venv / ".llmjax-installed").write_text(stamp)
