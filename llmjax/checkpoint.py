@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from typing import Any
 
 import grain
@@ -416,7 +417,8 @@ def restore_params(path: str, abstract_params: Any) -> tuple[Any, dict, int]:
         state=ocp.args.PyTreeRestore(item=item, partial_restore=True,
                                      restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
         config=ocp.args.JsonRestore())
-    with progress.ticker(f"restoring the parameters of {directory / str(step)}"):
+    # stderr: generate and fill_mask print their output on stdout.
+    with progress.ticker(f"restoring the parameters of {directory / str(step)}", stream=sys.stderr):
         restored = manager.restore(step, args=args)
     manager.close()
     return restored["state"]["params"], restored["config"], step

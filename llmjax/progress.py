@@ -1,7 +1,8 @@
 """Progress on the console for the phases that can take a while before the first step: building
 the corpus, training the tokenizer, restoring a checkpoint, compiling.
 
-Two forms, both on stderr and both silent for a phase shorter than a few seconds:
+Two forms, both on stdout (stderr is kept for errors and warnings) and both silent for a phase
+shorter than a few seconds:
   * `bar`: the total is known (documents, characters): a tqdm bar with count, rate and ETA,
     e.g. `corpus stdlib-py311-9559f84936f4:  41%|####1     | 307/750 [00:04<00:06, 71.2 doc/s]`.
   * `ticker`: the total is not known (a compile, an Orbax restore, SentencePiece's merges): a line
@@ -34,20 +35,22 @@ def is_main() -> bool:
 
 def bar(iterable=None, *, total: int | None, desc: str, unit: str = "it",
         unit_scale: bool = False):
-    """A tqdm bar on stderr that appears only once the phase has run for DELAY_S seconds.
+    """A tqdm bar on stdout that appears only once the phase has run for DELAY_S seconds.
 
     Use as tqdm: wrap an iterable, or `with bar(...) as b: b.update(n)`."""
     from tqdm import tqdm
-    tty = sys.stderr.isatty()
+    tty = sys.stdout.isatty()
     return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale,
-               file=sys.stderr, delay=DELAY_S, mininterval=0.5 if tty else DELAY_S,
+               file=sys.stdout, delay=DELAY_S, mininterval=0.5 if tty else DELAY_S,
                ascii=not tty, disable=not is_main(), dynamic_ncols=True)
 
 
 @contextlib.contextmanager
-def ticker(doing: str, *, first_s: float | None = None, every_s: float | None = None):
-    """Prints `still <doing> (N s)` to stderr after `first_s` (DELAY_S) seconds, then every
-    `every_s` (EVERY_S) seconds, until the block ends: for phases of unpredictable length."""
+def ticker(doing: str, *, first_s: float | None = None, every_s: float | None = None,
+           stream=None):
+    """Prints `still <doing> (N s)` to `stream` (stdout; stderr where stdout is a command's
+    output, as generate's) after `first_s` (DELAY_S) seconds, then every `every_s` (EVERY_S)
+    seconds, until the block ends: for phases of unpredictable length."""
     if not is_main():
         yield
         return
@@ -59,8 +62,8 @@ def ticker(doing: str, *, first_s: float | None = None, every_s: float | None = 
     def tick():
         wait = first_s
         while not stop.wait(wait):
-            print(f"still {doing} ({time.perf_counter() - start:.0f} s)", file=sys.stderr,
-                  flush=True)
+            print(f"still {doing} ({time.perf_counter() - start:.0f} s)",
+                  file=stream or sys.stdout, flush=True)
             wait = every_s
 
     thread = threading.Thread(target=tick, name="llmjax-progress", daemon=True)

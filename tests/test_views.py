@@ -105,8 +105,8 @@ def test_plot_refuses_an_empty_metrics_file(tmp_path, capsys):
 
 
 def test_progress_is_silent_for_quick_phases_and_ticks_for_slow_ones(monkeypatch):
-    err = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", err)
+    err = io.StringIO()  # progress goes to stdout: stderr is for errors, one line each
+    monkeypatch.setattr(sys, "stdout", err)
     for _ in progress.bar(range(3), total=3, desc="quick", unit="doc"):
         pass
     with progress.ticker("compiling"):
