@@ -4,10 +4,13 @@ Any config key can be overridden with --config.key=value (e.g. --config.total_st
 --config.mesh.shape="(2,2,2)"). Running the same command again in the same workdir resumes.
 Multi-host (TPU pod slices, SLURM GPU clusters): add --distributed, which calls
 jax.distributed.initialize() and lets JAX detect the cluster; or give --coordinator_address,
---num_processes and --process_id explicitly.
+--num_processes and --process_id explicitly. A multi-host trainer runs as the child of a small
+parent (llmjax/supervise.py) that turns JAX's abort on a lost peer into one line.
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags, logging
 
@@ -33,6 +36,9 @@ def main(argv):
     config = cli.require_config()
     if not WORKDIR.value:
         cli.fail("--workdir is required: the directory for checkpoints, metrics and the tokenizer.")
+    from llmjax import supervise
+    if supervise.should_supervise(bool(COORDINATOR.value or DISTRIBUTED.value)):
+        sys.exit(supervise.run())  # this command again, as a child that may lose its peers
     if COORDINATOR.value or DISTRIBUTED.value:
         initialize_distributed()
     from llmjax.checkpoint import CheckpointWriteError

@@ -16,7 +16,9 @@ heartbeat through the coordination service's key-value store:
 So the others stop at most `timeout_s` plus two beats (`timeout_s * 4/3`) after a process died or
 hung, and JAX's own heartbeat timeout is set above that so its abort never comes first. A
 collective that fails at once (a peer's socket closes) is handed to the watchdog too (see
-`explain_failure`), so the line names the lost process rather than a gloo/NCCL error. Restarting
+`explain_failure`), so the line names the lost process rather than a gloo/NCCL error. The two
+aborts no code in the process can catch (JAX's own when process 0 dies, gloo's on a closed socket)
+are turned into the same line by the process's parent, llmjax/supervise.py. Restarting
 every process with the same command resumes from the newest checkpoint: orbax finalises a step
 only once every process has written its part.
 """
@@ -47,6 +49,8 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, *,
 
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                heartbeat_timeout_seconds=int(timeout_s * 2) + 30)
+    from llmjax import supervise
+    supervise.report_to_parent(jax.process_index(), jax.process_count(), timeout_s)
     if jax.process_count() > 1:
         global _watchdog
         _watchdog = Watchdog(distributed.global_state.client, jax.process_index(),

@@ -27,14 +27,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_pair(workdir, tokenizer_path, extra, preempt_after: str | None = None,
-                hang_after: str | None = None):
-    """Runs process 0 and 1 to their end; returns their outputs. With `preempt_after`, process 1
-    alone gets SIGTERM once process 0 has printed a line starting with it (a preemption notice
-    reaches one host; JAX's sync point makes both save at the same step). With `hang_after`,
-    process 1 is stopped (SIGSTOP: a hung host) there instead; process 0 must then end on its own
-    within the watchdog's bound (llmjax/multihost.py), and process 1 is killed afterwards; the
-    outputs then end with the seconds process 0 took to stop."""
+def launch_pair(workdir, tokenizer_path, extra, after: str | None = None, action: str = "",
+                victim: int = 1):
+    """Runs process 0 and 1 to their end; returns their outputs. With `after`, once process 0 has
+    printed a line starting with it, process `victim` gets `action`:
+    - "term": SIGTERM (a preemption notice reaches one host; JAX's sync point makes both save at
+      the same step); both must then exit 0;
+    - "stop": SIGSTOP to its whole process group (a hung host), killed afterwards;
+    - "kill": SIGKILL to its whole process group (a host that died).
+    After "stop" or "kill" the other process must end on its own within the watchdog's bound
+    (llmjax/multihost.py, llmjax/supervise.py) with exit status 4; the outputs then end with the
+    seconds it took to stop. Each process is the supervising parent plus the trainer child that
+    `--coordinator_address` starts, in a session of its own."""
     port = free_port()
     # The restart loads the executables the first pair compiled (a persistent cache).
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -50,21 +54,25 @@ def launch_pair(workdir, tokenizer_path, extra, preempt_after: str | None = None
                  f"--workdir={workdir}", f"--config.data.tokenizer={tokenizer_path}",
                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                  f"--process_id={i}", *extra], cwd=ROOT, env=env, stdout=log,
-                stderr=subprocess.STDOUT))
-    if preempt_after is not None or hang_after is not None:
+                stderr=subprocess.STDOUT, start_new_session=True))
+    if after is not None:
         deadline = time.time() + 300
-        after = preempt_after or hang_after
         while not any(line.startswith(after) for line in logs[0].read_text().splitlines()):
             assert time.time() < deadline and procs[0].poll() is None, logs[0].read_text()[-3000:]
             time.sleep(0.05)
-        procs[1].send_signal(signal.SIGTERM if preempt_after else signal.SIGSTOP)
-    if hang_after is not None:
+        if action == "term":
+            procs[victim].send_signal(signal.SIGTERM)  # the parent forwards it to the trainer
+        else:
+            os.killpg(procs[victim].pid, signal.SIGSTOP if action == "stop" else signal.SIGKILL)
+    if action in ("stop", "kill"):
         stopped = time.time()
-        procs[0].wait(timeout=300)
+        survivor = procs[1 - victim]
+        survivor.wait(timeout=300)
         took = time.time() - stopped
-        procs[1].kill()
-        procs[1].wait()
-        assert procs[0].returncode == 4, logs[0].read_text()[-3000:]  # multihost.EXIT_LOST_PROCESS
+        os.killpg(procs[victim].pid, signal.SIGKILL)
+        procs[victim].wait()
+        out = logs[1 - victim].read_text()
+        assert survivor.returncode == 4, out[-3000:]  # multihost.EXIT_LOST_PROCESS
         return [log.read_text() for log in logs] + [took]
     for p in procs:
         p.wait(timeout=400)
@@ -103,21 +111,30 @@ def test_two_processes_train_checkpoint_resume(devices, tokenizer_path, tmp_path
     timeout = 8  # --heartbeat_timeout: the watchdog's bound, short for the test
     extra = [f"--config.total_steps={total}", "--config.checkpoint_every_steps=1000",
              f"--heartbeat_timeout={timeout}"]
-    first = launch_pair(workdir, tokenizer_path, extra, preempt_after="step  2/")
+    first = launch_pair(workdir, tokenizer_path, extra, "step  2/", "term")
     assert "2 process(es)" in first[0]
     assert not [l for l in first[1].splitlines() if l.startswith(("mesh", "step"))]  # 0 prints
     preempted = [l for l in first[0].splitlines() if l.startswith("preempted")]
     assert len(preempted) == 1, first[0][-3000:]
     at = int(preempted[0].split(" at step ")[1].split(";")[0])
     assert 2 < at < total and sorted(os.listdir(workdir / "checkpoints")) == [str(at)]
-    # A hung (or dead) host: process 1 stops answering a few steps after the resume; process 0
-    # ends within the bound with one line and exit status 4, and nothing past step `at` is kept.
-    out0, _, took = launch_pair(workdir, tokenizer_path, extra, hang_after=f"step {at + 3:>2}/")
+    # A hung host: process 1 stops answering a few steps after the resume; process 0 ends within
+    # the bound with one line and exit status 4, and nothing past step `at` is kept.
+    out0, _, took = launch_pair(workdir, tokenizer_path, extra, f"step {at + 3:>2}/", "stop")
     assert f"resumed from step {at}" in out0
     last = out0.strip().splitlines()[-1]
     assert last.startswith("error: process 1 of 2 stopped answering for 8 s"), out0[-3000:]
     assert "Start every process again with the same command" in last
     assert took < timeout * 4 / 3 + 15, took  # the bound, plus slack for a loaded test machine
+    # A host that dies, the coordinator's: JAX aborts process 1 at once; its parent says why in
+    # one line (no C++ stack trace, no thread dump) and exits 4.
+    _, out1, took_kill = launch_pair(workdir, tokenizer_path, extra, f"step {at + 2:>2}/", "kill",
+                                     victim=0)
+    tail = [l for l in out1.strip().splitlines() if not l.startswith(("step", "[Gloo]", "I1"))]
+    assert tail[-1].startswith("error: process 1 lost the coordinator, process 0"), out1[-3000:]
+    assert "Start every process again with the same command" in tail[-1]
+    assert not [l for l in tail if "Fatal" in l or "stack trace" in l or l.startswith("F1")], tail
+    assert took_kill < timeout * 4 / 3 + 15, took_kill
     assert sorted(os.listdir(workdir / "checkpoints")) == [str(at)]
     second = launch_pair(workdir, tokenizer_path, extra)
     assert f"resumed from step {at}" in second[0]
@@ -126,7 +143,8 @@ def test_two_processes_train_checkpoint_resume(devices, tokenizer_path, tmp_path
     assert sorted(logged) == list(range(1, total + 1))
     expected = reference_losses(tokenizer_path, total)
     np.testing.assert_allclose([logged[s] for s in range(1, total + 1)], expected, rtol=2e-5)
-    print(f"\n2 processes: process 0 stopped {took:.1f} s after process 1 hung (bound {timeout} s)")
+    print(f"\n2 processes: process 0 stopped {took:.1f} s after process 1 hung, process 1 "
+          f"{took_kill:.1f} s after process 0 was killed (bound {timeout * 4 / 3:.1f} s)")
     print(f"\n2 processes: SIGTERM to process 1 after step 2, both saved at step {at}; max relative "
           f"loss difference to 1 process x 8 devices over {total} steps: "
           f"{max(abs(logged[s] - e) / abs(e) for s, e in zip(range(1, total + 1), expected)):.1e}")
