@@ -477,3 +477,30 @@ def _main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(_main())
+
+
+# Model keys that change how the step computes, not which parameters exist: a resumed or
+# fine-tuning run may change them (e.g. bfloat16 compute, remat, dropout for fine-tuning; the
+# initialiser only matters at step 0).
+COMPUTE_ONLY_KEYS = ("dtype", "remat_policy", "dropout_rate", "attention", "init")
+
+
+def check_same_model(saved: dict, config, where, fine_tuning: bool = False) -> None:
+    """Refuses to restore a checkpoint into a differently shaped model (one line, before Orbax
+    fails deep inside with a shape error). Batch, length, optimizer, data and the compute-only
+    model keys may change. A key the saved config lacks (it predates the key) counts as its default.
+    `fine_tuning` (init_from): a checkpoint without a classification head (num_labels 0) may start
+    a classifier, whose new head is then initialised fresh."""
+    from llmjax.config import base_config
+    defaults = base_config().model.to_dict()
+    current = json.loads(json.dumps(config.model.to_dict()))
+    saved_model = json.loads(json.dumps({**defaults, **saved.get("model", {})}))
+    changed = sorted(k for k in current
+                     if k not in COMPUTE_ONLY_KEYS and saved_model.get(k) != current[k])
+    if fine_tuning and not saved_model.get("num_labels"):
+        changed = [k for k in changed if k != "num_labels"]
+    if changed:
+        diffs = ", ".join(f"model.{k}={saved_model.get(k)!r} there but {current[k]!r} now"
+                          for k in changed)
+        raise ValueError(f"the checkpoint {where} was trained with a different model ({diffs}); "
+                         "use the original config or a new --workdir.")

@@ -380,7 +380,7 @@ def test_shipped_configs_are_valid(name, arg):
     else:
         assert shapes["targets"] == (config.batch_size, config.data.target_len)
     # The model section equals its pretraining config's, so init_from accepts that run.
-    from llmjax.train import check_same_model
+    from llmjax.checkpoint import check_same_model
     pre = {"classify_stdlib_modules": "bert_base", "seq2seq_stdlib_modules": "t5_small"}[name]
     if arg and "roberta" in arg:
         pre = "roberta_base"

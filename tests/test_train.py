@@ -147,7 +147,7 @@ def test_cli_relative_workdir_resumes_and_samples(tokenizer_path, tmp_path):
 
 
 def test_model_check_allows_compute_keys_and_older_configs():
-    from llmjax.train import check_same_model
+    from llmjax.checkpoint import check_same_model
     config = tiny_config()
     saved = {"model": {k: v for k, v in config.model.to_dict().items()
                        if k not in ("num_decoder_layers", "type_vocab_size")}}  # an older run's keys

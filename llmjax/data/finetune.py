@@ -292,7 +292,7 @@ def restore_init(config, built, state: dict[str, Any]) -> tuple[dict[str, Any], 
     shardings); the fresh optimizer state and step 0 stay. Returns (state, checkpoint step)."""
     from llmjax.checkpoint import resolve, restore_params
     from llmjax.checkpoint import saved_config
-    from llmjax.train import check_same_model
+    from llmjax.checkpoint import check_same_model
 
     saved, _ = saved_config(config.init_from)
     directory, step = resolve(config.init_from)
