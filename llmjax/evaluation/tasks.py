@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -59,6 +60,7 @@ CROWS_COLUMNS = ("sent_more", "sent_less", "stereo_antistereo", "bias_type")
 
 
 def _stdlib(name: str):
+    @functools.cache  # deterministic for this interpreter; checking then running reads it once
     def load() -> list[dict]:
         from llmjax.data import tasks as data_tasks
         if name == "held_out_documents":
@@ -160,7 +162,8 @@ def load_spec(path: str | os.PathLike) -> Task:
     for role, default in FIELDS[kind].items():
         value = spec.get(role, default)
         if value is None:
-            raise ValueError(f"{where}: kind {kind!r} needs {role!r} ({_ROLE_HELP[role]}).")
+            raise ValueError(f"{where}: kind {kind!r} needs {role!r} (a str.format template over "
+                             "the example's fields, e.g. 'Question: {question}\\nAnswer:').")
         fields[role] = str(value)
     chosen = tuple(spec.get("metrics") or DEFAULT_METRICS[kind])
     bad = [m for m in chosen if m not in KINDS[kind]]
@@ -184,10 +187,6 @@ def load_spec(path: str | os.PathLike) -> Task:
                 max_gen_toks=int(spec.get("max_gen_toks", 64)), spec_path=str(path))
 
 
-_ROLE_HELP = {
-    "prompt": "a template such as 'Question: {question}\\nAnswer:' over the example's fields",
-    "target": "the field holding the reference answer",
-}
 
 
 def _resolve_data(data: str, spec_path: pathlib.Path) -> str:
@@ -204,7 +203,7 @@ def read_examples(data: str, task_name: str = "") -> list[dict]:
     """The examples of a data file (.jsonl, .json list, .csv with a header, .txt = one document
     {"text", "path"}) or of a `stdlib:` source."""
     if data.startswith("stdlib:"):
-        return SOURCES[data[len("stdlib:"):]]()
+        return [dict(e) for e in SOURCES[data[len("stdlib:"):]]()]
     path = pathlib.Path(data)
     where = f"task {task_name!r}: data file {data!r}"
     if not path.is_file():
@@ -249,28 +248,34 @@ def check_applies(task: Task, lm) -> None:
                     "head (fine-tune it with data.task='classification' first).")
             return
         if task.kind == "bias_pairs":
-            if not hasattr(lm, "masked_logprob"):
+            if not hasattr(lm, "masked_logprob") or lm.labels:
                 raise TaskNotApplicable(
                     f"task {task.name!r} (bias_pairs) needs sentence likelihoods; an encoder "
-                    "gives them only as pseudo-log-likelihoods, which this model does not offer "
-                    "(no masked_logprob).")
+                    "gives them only as pseudo-log-likelihoods of its masked-LM head, which this "
+                    "model does not have (a classification head, or no masked_logprob).")
             return
         raise TaskNotApplicable(f"task {task.name!r} is {task.kind}, which needs a decoder or an "
                                 "encoder-decoder (an encoder only fills masks and classifies).")
 
 
-def run(task: Task, lm, limit: int | None = None, batch_size: int = 16) -> dict[str, float]:
-    """Scores `lm` on `task`: {metric: value, ..., "n": number of examples scored}; `limit`
-    keeps the first examples (after the few-shot ones are set aside)."""
+def prepare(task: Task, lm, limit: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(few-shot examples, examples to score) after checking that `lm` can score the task and
+    that every example has the fields the spec reads; `limit` keeps the first examples (after
+    the few-shot ones are set aside)."""
     check_applies(task, lm)
-    examples = task.examples()
-    shots, examples = _split_few_shot(task, examples)
+    shots, examples = _split_few_shot(task, task.examples())
     if limit is not None:
         examples = examples[:limit]
     if not examples:
         raise ValueError(f"task {task.name!r} has no examples left to score.")
     for i, example in enumerate(shots + examples):
         _check_fields(task, example, i, lm.family)
+    return shots, examples
+
+
+def run(task: Task, lm, limit: int | None = None, batch_size: int = 16) -> dict[str, float]:
+    """Scores `lm` on `task`: {metric: value, ..., "n": number of examples scored}."""
+    shots, examples = prepare(task, lm, limit)
     runner = {"perplexity": _perplexity, "multiple_choice": _multiple_choice,
               "generation": _generation, "classification": _classification,
               "bias_pairs": _bias_pairs}[task.kind]
