@@ -183,3 +183,55 @@ def test_bad_input(tmp_path, hf_dirs):
         os.symlink(os.path.join(hf_dirs["gpt2"], f), bare / f)
     with pytest.raises(ValueError, match="no tokenizer.model or tokenizer.json"):
         LM.from_workdir(str(bare))
+
+
+# ------------------------------------------------------------------------------------------------
+# In-loop evaluation tasks.
+
+def _tiny_tasks(root):
+    """A multiple-choice and a generation spec over four examples each (tasks.py's format)."""
+    mc = [{"q": f"def f{i}(", "choices": ["x):", " = 1", "class A"], "answer": i % 3}
+          for i in range(4)]
+    gen = [{"q": f"import os{i}", "target": "\n"} for i in range(4)]
+    for name, rows, spec in (
+            ("tiny_mc", mc, "kind: multiple_choice\nprompt: \"{q}\"\nchoices: choices\n"
+                            "answer: answer\n"),
+            ("tiny_gen", gen, "kind: generation\nprompt: \"{q}\"\ntarget: target\n"
+                              "until: [\"\\n\"]\nmax_gen_toks: 4\n")):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (root / f"{name}.yaml").write_text(f"name: {name}\ndata: {name}.jsonl\n{spec}")
+    return f"{root / 'tiny_mc.yaml'},{root / 'tiny_gen.yaml'}"
+
+
+def test_in_loop_evals_resume(devices, tokenizer_path, tmp_path):
+    from llmjax.train import train_and_evaluate
+    from tests.helpers import tiny_config
+    names = _tiny_tasks(tmp_path)
+
+    def config(**overrides):
+        return tiny_config(**{"model.vocab_size": 512, "data.tokenizer": str(tokenizer_path),
+                              "total_steps": 4, "log_every_steps": 2, "eval_every_steps": 2,
+                              "eval_steps": 1, "checkpoint_every_steps": 2,
+                              "sample.max_new_tokens": 0, "batch_size": 8, "seq_len": 32,
+                              "mesh.shape": (-1, 1, 1), "eval_tasks": names, **overrides})
+
+    def evals(workdir):
+        rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if any(k.startswith("eval/") for k in r)]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_and_evaluate(config(), str(straight))
+    train_and_evaluate(config(stop_at_step=2), str(resumed))
+    train_and_evaluate(config(), str(resumed))
+    want = evals(straight)
+    assert [r["step"] for r in want] == [2, 4]
+    assert {"eval/tiny_mc/accuracy", "eval/tiny_mc/accuracy_norm", "eval/tiny_gen/exact_match",
+            "eval/tiny_gen/f1", "eval/tiny_mc/n"} <= set(want[0])
+    assert evals(resumed) == want  # the same values at the same steps
+    assert any(p.name.startswith("events") for p in (straight / "tb").iterdir())
+
+    # An unknown task is one sentence, before anything is written to the workdir.
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match=r"eval_tasks='nope': unknown task 'nope'"):
+        train_and_evaluate(config(eval_tasks="nope"), str(fresh))
+    assert not fresh.exists()

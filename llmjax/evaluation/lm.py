@@ -70,12 +70,19 @@ def _sums(logits, targets, weights):
 
 
 class Scorer(Compiled):
-    """The jitted scoring passes of one model on one mesh (equal instances share compilations)."""
+    """The jitted scoring passes of one model on one mesh (equal instances share compilations).
+    Results come back replicated, so every process of a multi-host mesh can read them."""
+
+    def _replicated(self, out):
+        if self.mesh is None:
+            return out
+        from jax.sharding import NamedSharding, PartitionSpec
+        return jax.lax.with_sharding_constraint(out, NamedSharding(self.mesh, PartitionSpec()))
 
     @functools.partial(jax.jit, static_argnums=0)
     def _causal(self, params, tokens, segments, positions, targets, weights):
         logits = nnx.merge(self.graphdef, params)(tokens, segments, positions)
-        return _sums(logits, targets, weights)
+        return self._replicated(_sums(logits, targets, weights))
 
     @functools.partial(jax.jit, static_argnums=0)
     def _seq2seq(self, params, tokens, segments, positions, dec_tokens, dec_segments,
@@ -83,12 +90,12 @@ class Scorer(Compiled):
         logits = nnx.merge(self.graphdef, params)(
             tokens, segments, positions, decoder_tokens=dec_tokens,
             decoder_segment_ids=dec_segments, decoder_positions=dec_positions)
-        return _sums(logits, targets, weights)
+        return self._replicated(_sums(logits, targets, weights))
 
     @functools.partial(jax.jit, static_argnums=0)
     def _classify(self, params, tokens, segments, positions):
         logits = nnx.merge(self.graphdef, params)(tokens, segments, positions)
-        return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return self._replicated(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
 
 
 def rolling_windows(tokens: Sequence[int], start_id: int, max_length: int):
