@@ -313,3 +313,32 @@ def test_list_tasks():
     assert lines[0].split() == ["task", "kind", "examples", "description"]
     assert len(lines) == 1 + len(tasks.shipped())
     assert any(line.split()[:3] == ["py2to3", "generation", "40"] for line in lines)
+
+
+from tests.test_bad_input import trained_workdir  # noqa: E402,F401  (the tiny run, reused)
+
+
+@pytest.mark.slow
+def test_evaluate_a_trained_run(trained_workdir, tmp_path):  # noqa: F811
+    """Every kind a decoder can score, on a tiny trained run, through the command line."""
+    out = tmp_path / "results.json"
+    result = evaluate_cli(f"--workdir={trained_workdir}", "--limit=3", "--batch_size=4",
+                          f"--output={out}",
+                          "--tasks=stdlib_docs_ppl,stdlib_names_mc,py2to3,stdlib_modules,"
+                          "bias_pairs_probe")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    records = [json.loads(x) for x in lines if x.startswith("{")]
+    assert [r["task"] for r in records] == ["stdlib_docs_ppl", "stdlib_names_mc", "py2to3",
+                                            "stdlib_modules", "bias_pairs_probe"]
+    assert json.loads(out.read_text()) == records
+    by_task = {r["task"]: r for r in records}
+    assert by_task["stdlib_docs_ppl"]["n"] == 3 and by_task["stdlib_docs_ppl"]["step"] == 2
+    ppl = by_task["stdlib_docs_ppl"]
+    assert ppl["bits_per_byte"] > 0 and ppl["token_perplexity"] > 1
+    assert 0 <= by_task["stdlib_names_mc"]["accuracy"] <= 1
+    assert set(by_task["py2to3"]) >= {"exact_match", "f1", "rouge_l", "bleu", "chrf"}
+    assert set(by_task["bias_pairs_probe"]) >= {"pct_stereotype", "likelihood_diff"}
+    table = lines[:len(lines) - len(records)]
+    assert table[0].split() == ["task", "metric", "value", "n"]
+    assert any(row.split()[:2] == ["py2to3", "chrf"] for row in table)
