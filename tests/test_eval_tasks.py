@@ -229,6 +229,7 @@ def test_kinds_an_encoder_cannot_score(tmp_path):
     ({"kind": "perplexity", "data": "stdlib:nope"}, None, "not a built-in source"),
     ({"kind": "generation", "prompt": "{q}", "target": "a", "few_shot": {"n": 3}}, None,
      "few_shot takes k"),
+    ({"kind": "perplexity", "few_shot": {"k": 1}}, None, "takes no few_shot"),
 ])
 def test_bad_specs_are_one_sentence(tmp_path, spec, rows, message):
     with pytest.raises(ValueError, match=message):

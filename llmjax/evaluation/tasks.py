@@ -171,6 +171,9 @@ def load_spec(path: str | os.PathLike) -> Task:
         raise ValueError(f"{where}: metric(s) {bad} do not apply to kind {kind!r}; it has "
                          f"{', '.join(KINDS[kind])}.")
     few_shot = dict(spec.get("few_shot") or {})
+    if few_shot and kind in ("perplexity", "bias_pairs"):
+        raise ValueError(f"{where}: kind {kind!r} scores text without a prompt; it takes no "
+                         "few_shot.")
     if few_shot:
         extra = sorted(set(few_shot) - {"k", "data", "seed", "separator"})
         if extra or not isinstance(few_shot.get("k"), int) or few_shot["k"] < 0:
