@@ -230,6 +230,8 @@ def test_kinds_an_encoder_cannot_score(tmp_path):
     ({"kind": "generation", "prompt": "{q}", "target": "a", "few_shot": {"n": 3}}, None,
      "few_shot takes k"),
     ({"kind": "perplexity", "few_shot": {"k": 1}}, None, "takes no few_shot"),
+    ({"kind": "perplexity", "metrics": "bits_per_byte"}, None, "'metrics' must be a list"),
+    ({"kind": "generation", "prompt": "{q}", "max_gen_toks": "8"}, None, "'max_gen_toks' must"),
 ])
 def test_bad_specs_are_one_sentence(tmp_path, spec, rows, message):
     with pytest.raises(ValueError, match=message):

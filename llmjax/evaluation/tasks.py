@@ -165,6 +165,12 @@ def load_spec(path: str | os.PathLike) -> Task:
             raise ValueError(f"{where}: kind {kind!r} needs {role!r} (a str.format template over "
                              "the example's fields, e.g. 'Question: {question}\\nAnswer:').")
         fields[role] = str(value)
+    for key in ("metrics", "labels", "until"):  # (until may also be one string)
+        allowed = (list, str) if key == "until" else list
+        if key in spec and not isinstance(spec[key], allowed):
+            raise ValueError(f"{where}: {key!r} must be a list, e.g. {key}: [a, b].")
+    if not isinstance(spec.get("max_gen_toks", 64), int) or spec.get("max_gen_toks", 64) < 1:
+        raise ValueError(f"{where}: 'max_gen_toks' must be a positive whole number of tokens.")
     chosen = tuple(spec.get("metrics") or DEFAULT_METRICS[kind])
     bad = [m for m in chosen if m not in KINDS[kind]]
     if bad:
@@ -187,9 +193,7 @@ def load_spec(path: str | os.PathLike) -> Task:
                 few_shot=few_shot, target_delimiter=str(spec.get("target_delimiter", " ")),
                 labels=tuple(str(x) for x in spec.get("labels") or ()),
                 until=(until,) if isinstance(until, str) else tuple(until),
-                max_gen_toks=int(spec.get("max_gen_toks", 64)), spec_path=str(path))
-
-
+                max_gen_toks=spec.get("max_gen_toks", 64), spec_path=str(path))
 
 
 def _resolve_data(data: str, spec_path: pathlib.Path) -> str:
