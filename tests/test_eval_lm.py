@@ -203,26 +203,37 @@ def _tiny_tasks(root):
     return f"{root / 'tiny_mc.yaml'},{root / 'tiny_gen.yaml'}"
 
 
-def test_in_loop_evals_resume(devices, tokenizer_path, tmp_path):
+@pytest.fixture(scope="module")
+def runs(devices, tokenizer_path, tmp_path_factory):
+    """A tiny run trained straight to step 4 and one stopped at step 2 and resumed, both
+    scoring two local tasks after each eval loss (every 2 steps)."""
     from llmjax.train import train_and_evaluate
-    from tests.helpers import tiny_config
-    names = _tiny_tasks(tmp_path)
+    root = tmp_path_factory.mktemp("in_loop")
+    names = _tiny_tasks(root)
+    straight, resumed = root / "straight", root / "resumed"
+    train_and_evaluate(_loop_config(tokenizer_path, eval_tasks=names), str(straight))
+    train_and_evaluate(_loop_config(tokenizer_path, eval_tasks=names, stop_at_step=2), str(resumed))
+    train_and_evaluate(_loop_config(tokenizer_path, eval_tasks=names), str(resumed))
+    return straight, resumed
 
-    def config(**overrides):
-        return tiny_config(**{"model.vocab_size": 512, "data.tokenizer": str(tokenizer_path),
-                              "total_steps": 4, "log_every_steps": 2, "eval_every_steps": 2,
-                              "eval_steps": 1, "checkpoint_every_steps": 2,
-                              "sample.max_new_tokens": 0, "batch_size": 8, "seq_len": 32,
-                              "mesh.shape": (-1, 1, 1), "eval_tasks": names, **overrides})
+
+def _loop_config(tokenizer_path, **overrides):
+    from tests.helpers import tiny_config
+    return tiny_config(**{"model.vocab_size": 512, "data.tokenizer": str(tokenizer_path),
+                          "total_steps": 4, "log_every_steps": 2, "eval_every_steps": 2,
+                          "eval_steps": 1, "checkpoint_every_steps": 2, "sample.max_new_tokens": 0,
+                          "batch_size": 8, "seq_len": 32, "mesh.shape": (-1, 1, 1), **overrides})
+
+
+@pytest.mark.slow
+def test_in_loop_evals_resume(runs, tokenizer_path, tmp_path):
+    from llmjax.train import train_and_evaluate
 
     def evals(workdir):
         rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
         return [r for r in rows if any(k.startswith("eval/") for k in r)]
 
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_and_evaluate(config(), str(straight))
-    train_and_evaluate(config(stop_at_step=2), str(resumed))
-    train_and_evaluate(config(), str(resumed))
+    straight, resumed = runs
     want = evals(straight)
     assert [r["step"] for r in want] == [2, 4]
     assert {"eval/tiny_mc/accuracy", "eval/tiny_mc/accuracy_norm", "eval/tiny_gen/exact_match",
@@ -233,5 +244,93 @@ def test_in_loop_evals_resume(devices, tokenizer_path, tmp_path):
     # An unknown task is one sentence, before anything is written to the workdir.
     fresh = tmp_path / "fresh"
     with pytest.raises(ValueError, match=r"eval_tasks='nope': unknown task 'nope'"):
-        train_and_evaluate(config(eval_tasks="nope"), str(fresh))
+        train_and_evaluate(_loop_config(tokenizer_path, eval_tasks="nope"), str(fresh))
     assert not fresh.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# lm-evaluation-harness through its own command line.
+
+HARNESS_TASKS = {
+    "tiny_mc": """dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/tiny_mc.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{q}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+""",
+    "tiny_ppl": """dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/tiny_ppl.jsonl
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: bits_per_byte
+""",
+    "tiny_gen": """dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/tiny_gen.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{q}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 4
+metric_list:
+  - metric: exact_match
+""",
+}
+
+
+@pytest.mark.slow
+def test_harness_cli(runs, tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (pip install "
+                                          "lm-eval==0.4.13)")
+    workdir = runs[0]
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    _tiny_tasks(tmp_path)  # tiny_mc.jsonl, tiny_gen.jsonl
+    docs = ["import os\nprint(os.getcwd())\n" * 5, "def f(x):\n    return x + 1\n"]
+    (tmp_path / "tiny_ppl.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    for name, spec in HARNESS_TASKS.items():
+        (tasks_dir / f"{name}.yaml").write_text(f"task: {name}\n" + spec.format(data=tmp_path))
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+               HF_DATASETS_CACHE=str(tmp_path / "hf_cache"), JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmjax.evaluation.harness", "--model", "llmjax",
+         "--model_args", f"workdir={workdir},batch_size=8", "--tasks", "tiny_mc,tiny_ppl,tiny_gen",
+         "--include_path", str(tasks_dir), "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")
+    results = json.loads(results_file.read_text())["results"]
+
+    # The same numbers from LM directly.
+    lm = LM.from_workdir(str(workdir))
+    mc = [json.loads(x) for x in (tmp_path / "tiny_mc.jsonl").read_text().splitlines()]
+    scores = lm.loglikelihood([(e["q"], " " + c) for e in mc for c in e["choices"]])
+    right = [int(np.argmax([s for s, _ in scores[3 * i:3 * i + 3]])) == e["answer"]
+             for i, e in enumerate(mc)]
+    assert results["tiny_mc"]["acc,none"] == pytest.approx(np.mean(right))
+    rolled = lm.loglikelihood_rolling(docs)
+    bpb = -sum(r["logprob"] for r in rolled) / sum(r["bytes"] for r in rolled) / np.log(2)
+    assert results["tiny_ppl"]["bits_per_byte,none"] == pytest.approx(bpb, rel=1e-5)
+    assert 0.0 <= results["tiny_gen"]["exact_match,none"] <= 1.0
+
+    bad = subprocess.run([sys.executable, "-m", "llmjax.evaluation.harness", "--model", "llmjax",
+                          "--model_args", f"workdir={tmp_path / 'missing'}", "--tasks", "tiny_mc",
+                          "--include_path", str(tasks_dir)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "does not exist" in bad.stderr.strip().splitlines()[-1]
