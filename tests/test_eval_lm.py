@@ -174,6 +174,64 @@ def test_text_pairs_and_generation(hf_dirs, lms):
     assert len(got[2]) <= 3
 
 
+# Encoder-decoders score the continuation with the decoder; encoders give pseudo-log-likelihoods.
+OTHER_FAMILIES = {
+    "t5": ("T5Config", "AutoModelForSeq2SeqLM", dict(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=20,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=2)),
+    "bart": ("BartConfig", "AutoModelForSeq2SeqLM", dict(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
+        max_position_embeddings=40, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        decoder_start_token_id=2, forced_eos_token_id=None)),
+    "bert": ("BertConfig", "AutoModelForMaskedLM", dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=48, max_position_embeddings=40, pad_token_id=0)),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_FAMILIES))
+def test_other_families_match_transformers(name, tmp_path):
+    config_cls, auto, kwargs = OTHER_FAMILIES[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, auto).from_config(getattr(transformers, config_cls)(**kwargs))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model.eval().save_pretrained(tmp_path)
+    tok = _char_tokenizer()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"mask_token": "[UNK]", "bos_token": "<s>", "eos_token": "</s>"}))  # BERT's CLS and SEP
+    lm = LM.from_workdir(str(tmp_path))
+    rng = np.random.default_rng(3)
+    if name == "bert":  # mask each token in turn ([UNK] stands for [MASK] here)
+        texts = ["def f(x):", "ab"]
+        got = lm.masked_logprob(texts, batch_size=4)
+        for text, value in zip(texts, got):
+            ids = [1] + lm.tokenizer.encode(text) + [2]  # bos / eos of the pretraining rows
+            rows = torch.tensor([ids[:p] + [0] + ids[p + 1:] for p in range(1, len(ids) - 1)])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(rows).logits.float(), -1).numpy()
+            want = sum(float(logp[p - 1, p, ids[p]]) for p in range(1, len(ids) - 1))
+            np.testing.assert_allclose(value, want, rtol=RTOL, atol=1e-4)
+        return
+    assert lm.decoder_start_id == kwargs["decoder_start_token_id"]
+    requests = [(rng.integers(3, VOCAB, n).tolist(), rng.integers(3, VOCAB, m).tolist())
+                for n, m in ((5, 3), (12, 1), (2, 9))]
+    ours = lm.loglikelihood_tokens(requests, batch_size=2)
+    for (ctx, cont), (lp, greedy) in zip(requests, ours):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ctx]),
+                           decoder_input_ids=torch.tensor([[lm.decoder_start_id] + cont[:-1]]))
+        logp = torch.log_softmax(logits.logits[0].float(), -1).numpy()
+        np.testing.assert_allclose(lp, sum(float(logp[k, t]) for k, t in enumerate(cont)),
+                                   rtol=RTOL, atol=1e-4)
+        assert greedy == all(int(logp[k].argmax()) == t for k, t in enumerate(cont))
+    assert len(lm.generate_until([("abc", {"until": ["x"], "max_gen_toks": 5})])) == 1
+
+
 def test_bad_input(tmp_path, hf_dirs):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         LM.from_workdir(str(tmp_path / "missing"))

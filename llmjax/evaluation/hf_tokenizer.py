@@ -6,7 +6,7 @@
 needs; otherwise `tokenizer.json` (GPT-2, RoBERTa, BART, BERT: a fast tokenizer) with the
 `tokenizers` package, when it is installed. Text is encoded without special tokens, as
 lm-evaluation-harness encodes it; the start and stop ids come from config.json (bos_token_id,
-eos_token_id), else from the tokenizer's own special tokens (-1: none).
+eos_token_id, pad_token_id), else from the tokenizer's own special tokens (-1: none).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class SentencePieceTokenizer:
         bos, eos = _first(hf_config.get("bos_token_id")), _first(hf_config.get("eos_token_id"))
         self.bos_id = self._sp.bos_id() if bos is None else int(bos)
         self.eos_id = self._sp.eos_id() if eos is None else int(eos)
+        pad = _first(hf_config.get("pad_token_id"))
+        self.pad_id = self._sp.pad_id() if pad is None else int(pad)
         self.vocab_size = self._sp.vocab_size()
 
     def encode(self, text: str) -> list[int]:
@@ -59,7 +61,7 @@ class FastTokenizer:
             found = self._tok.token_to_id(token) if token else None
             return -1 if found is None else int(found)
 
-        self.bos_id, self.eos_id = token_id("bos"), token_id("eos")
+        self.bos_id, self.eos_id, self.pad_id = token_id("bos"), token_id("eos"), token_id("pad")
         mask = token_id("mask")
         if mask >= 0:
             self.mask_id = mask

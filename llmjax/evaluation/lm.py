@@ -128,7 +128,8 @@ class LM:
     through llmjax.interop.hf). See the module docstring for the conventions."""
 
     def __init__(self, graphdef, model_cfg, params, tokenizer, *, max_length: int, mesh=None,
-                 rules=None, step: int = 0, data_cfg=None, add_bos: bool = True):
+                 rules=None, step: int = 0, data_cfg=None, add_bos: bool = True,
+                 decoder_start_id: int | None = None):
         from llmjax import sharding
         self.graphdef, self.model_cfg, self.params = graphdef, model_cfg, params
         self.tokenizer = tokenizer
@@ -138,6 +139,10 @@ class LM:
         self.step = int(step)
         self.data_cfg = dict(data_cfg or {})
         self.add_bos = add_bos
+        if model_cfg.family == "encoder_decoder" and decoder_start_id is None:
+            from llmjax.data.objectives import decoder_start_id as start_of
+            decoder_start_id = start_of(self.data_cfg, tokenizer)
+        self.decoder_start_id = decoder_start_id  # encoder-decoders: the decoder's first input
         labels = tuple(self.data_cfg.get("labels", ()) or ())
         self.labels = list(labels) if model_cfg.num_labels and labels else (
             [str(i) for i in range(model_cfg.num_labels)] if model_cfg.num_labels else None)
@@ -150,10 +155,12 @@ class LM:
 
     @classmethod
     def from_parts(cls, graphdef, model_cfg, params, tokenizer, *, max_length: int, mesh, rules,
-                   step: int = 0, data_cfg=None, add_bos: bool = True) -> "LM":
+                   step: int = 0, data_cfg=None, add_bos: bool = True,
+                   decoder_start_id: int | None = None) -> "LM":
         """From what is in memory (the training loop's state: no reload)."""
         return cls(graphdef, model_cfg, params, tokenizer, max_length=max_length, mesh=mesh,
-                   rules=rules, step=step, data_cfg=data_cfg, add_bos=add_bos)
+                   rules=rules, step=step, data_cfg=data_cfg, add_bos=add_bos,
+                   decoder_start_id=decoder_start_id)
 
     @classmethod
     def from_run(cls, run) -> "LM":
@@ -192,8 +199,10 @@ class LM:
                                       mesh.devices.flat[0].platform, config.seq_len)
         graphdef, _ = steps.abstract_model(model_cfg)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        start = hf_config.get("decoder_start_token_id")  # BART starts from eos, T5 from pad
         return cls(graphdef, model_cfg, params, tokenizer, max_length=config.seq_len, mesh=mesh,
-                   rules=rules, data_cfg=config.data.to_dict(), add_bos=False)
+                   rules=rules, data_cfg=config.data.to_dict(), add_bos=False,
+                   decoder_start_id=None if start is None else int(start))
 
     # --------------------------------------------------------------------------------------------
     # Helpers.
@@ -295,9 +304,8 @@ class LM:
         return jax.device_get(out)
 
     def _score_seq2seq(self, pairs, rows: int):
-        from llmjax.data.objectives import decoder_start_id
         L = self.max_length
-        start = decoder_start_id(self.data_cfg, self.tokenizer)
+        start = self.decoder_start_id
         enc = [np.asarray(list(ctx)[-L:], np.int32) for ctx, _ in pairs]
         targets = [np.asarray(cont, np.int32) for _, cont in pairs]
         dec = [np.concatenate([[start], t[:-1]]).astype(np.int32) for t in targets]
@@ -402,12 +410,10 @@ class LM:
         import logging
         if self.family == "encoder_decoder":
             from llmjax.beam_search import Seq2SeqGenerator
-            from llmjax.data.objectives import decoder_start_id
             gen = Seq2SeqGenerator(self.graphdef, self.model_cfg, mesh=self.mesh, rules=self.rules)
-            eos = self.tokenizer.eos_id
             return gen.generate(self.params, prompts, max_new_tokens=max_gen,
-                                start_id=decoder_start_id(self.data_cfg, self.tokenizer),
-                                eos_id=eos, sampling=sampling, seed=seed).tokens
+                                start_id=self.decoder_start_id, eos_id=self.tokenizer.eos_id,
+                                sampling=sampling, seed=seed).tokens
         from llmjax.generate import Generator
         gen = Generator(self.graphdef, self.model_cfg, mesh=self.mesh, rules=self.rules)
         quiet = logging.getLogger().level
@@ -421,6 +427,15 @@ class LM:
     # --------------------------------------------------------------------------------------------
     # Encoders.
 
+    def _framed(self, text: str) -> list[int]:
+        """[bos] + text + [eos] as encoder rows are written in training (either end left out
+        where the tokenizer has no such token), the text cut to fit max_length."""
+        tok = self.tokenizer
+        head = [tok.bos_id] if tok.bos_id is not None and tok.bos_id >= 0 else []
+        tail = [tok.eos_id] if tok.eos_id is not None and tok.eos_id >= 0 else []
+        room = max(0, self.max_length - len(head) - len(tail))
+        return head + tok.encode(text)[:room] + tail
+
     def _encoder_rows(self, ids: list[list[int]], rows: int):
         width = _width(max(len(x) for x in ids), self.max_length)
         return (_padded_rows(ids, width, rows),
@@ -433,9 +448,7 @@ class LM:
         if self.family != "encoder" or not self.model_cfg.num_labels:
             raise ValueError("classify needs an encoder with a classification head "
                              "(model.num_labels > 0, fine-tuned with data.task='classification').")
-        tok = self.tokenizer
-        ids = [[tok.bos_id] + tok.encode(t)[:max(0, self.max_length - 2)] + [tok.eos_id]
-               for t in texts]
+        ids = [self._framed(t) for t in texts]
         out: list[Any] = [None] * len(texts)
         with self._context():
             for chunk in self._batches(range(len(texts)), batch_size):
@@ -456,8 +469,10 @@ class LM:
         mask = tok.mask_id
         rows, owner = [], []
         for d, text in enumerate(texts):
-            ids = [tok.bos_id] + tok.encode(text)[:max(0, self.max_length - 2)] + [tok.eos_id]
-            for p in range(1, len(ids) - 1):
+            ids = self._framed(text)
+            first = 1 if tok.bos_id is not None and tok.bos_id >= 0 else 0
+            last = len(ids) - (1 if tok.eos_id is not None and tok.eos_id >= 0 else 0)
+            for p in range(first, last):
                 masked = list(ids)
                 masked[p] = mask
                 w = np.zeros(len(ids), np.int32)
