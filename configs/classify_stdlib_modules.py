@@ -14,7 +14,7 @@ On a laptop CPU (the task is built on first use; pretrain a few minutes, fine-tu
         --config.total_steps=300
     python -m llmjax.main --config=configs/classify_stdlib_modules.py:runlocal \\
         --workdir=/tmp/classify_local --config.init_from=/tmp/bert_local
-    python -m llmjax.data.tasks --workdir=/tmp/classify_local    # accuracy vs majority class
+    python -m llmjax.evaluation.stdlib_modules --workdir=/tmp/classify_local  # vs majority class
 Measured: see docs/finetuning.md, "Encoders and encoder-decoders".
 """
 

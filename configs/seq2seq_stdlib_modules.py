@@ -4,17 +4,18 @@ from, as text ("asyncio", "email", ...: 8 packages, llmjax.data.tasks.MODULES).
 The task ships with llmjax (llmjax/data/tasks.py builds it offline from the stdlib) as JSONL
 {"input": <docstring paragraph>, "target": "asyncio"}; the encoder reads the paragraph + eos,
 the decoder is scored on the target's tokens and its eos. `eval_accuracy` is the token accuracy
-on the targets; `python -m llmjax.data.tasks --workdir=DIR` prints the exact match of the whole
-answer (teacher forcing: every target token the argmax, exactly when greedy decoding would
-write it) next to the majority-class baseline. The model section equals configs/t5_small.py's
-(`:bart` for configs/bart_base.py's), so `init_from` can point at that config's run.
+on the targets; `python -m llmjax.evaluation.stdlib_modules --workdir=DIR` prints the exact
+match of the whole answer (teacher forcing: every target token the argmax, exactly when greedy
+decoding would write it) next to the majority-class baseline. The model section equals
+configs/t5_small.py's (`:bart` for configs/bart_base.py's), so `init_from` can point at that
+config's run.
 
 On a laptop CPU (the task is built on first use; pretrain a few minutes, fine-tune ~2 minutes):
     python -m llmjax.main --config=configs/t5_small.py:runlocal --workdir=/tmp/t5_local \\
         --config.total_steps=300
     python -m llmjax.main --config=configs/seq2seq_stdlib_modules.py:runlocal \\
         --workdir=/tmp/seq2seq_local --config.init_from=/tmp/t5_local
-    python -m llmjax.data.tasks --workdir=/tmp/seq2seq_local     # exact match vs majority class
+    python -m llmjax.evaluation.stdlib_modules --workdir=/tmp/seq2seq_local   # exact match vs majority
 Measured: see docs/finetuning.md, "Encoders and encoder-decoders".
 """
 

@@ -9,7 +9,7 @@ On a laptop CPU (pretrain a few minutes, then fine-tune ~1 minute):
     python -m llmjax.main --config=configs/gpt_small.py:runlocal --workdir=/tmp/gpt_small_local
     python -m llmjax.main --config=configs/sft_stdlib_modules.py:runlocal --workdir=/tmp/sft_local \\
         --config.init_from=/tmp/gpt_small_local
-    python -m llmjax.data.tasks --workdir=/tmp/sft_local       # exact-match accuracy vs majority
+    python -m llmjax.evaluation.stdlib_modules --workdir=/tmp/sft_local  # exact match vs majority
 Measured (2 CPU cores, 2026-11; pretrained 400 steps of gpt_small:runlocal, eval loss 4.17):
 response-token eval loss 6.98 at step 0 (the pretrained model) -> 0.25 after 300 steps (unigram
 baseline 2.86); exact-match accuracy on the 196 validation docstrings 0% -> 74.5% (majority class

@@ -90,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 10  # steps between records in metrics.jsonl, TensorBoard and the console
     c.eval_every_steps = 200  # steps between evaluations on the validation split
     c.eval_steps = 10  # batches per evaluation
+    # Evaluation tasks run after each eval loss (llmjax/evaluation/tasks.py): comma-separated names
+    # of shipped tasks or paths of .yaml/.json specs; each metric is logged as eval/<task>/<metric>.
+    c.eval_tasks = ""
+    c.eval_tasks_limit = 0  # examples scored per task in those evaluations (0: all)
     c.checkpoint_every_steps = 500  # steps between checkpoints (the last step is always saved)
     c.max_to_keep = 3  # checkpoints kept in WORKDIR/checkpoints; older ones are deleted
     c.async_checkpointing = True  # False: the loop waits until each checkpoint is written

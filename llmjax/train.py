@@ -39,6 +39,24 @@ def evaluate(built, params, eval_batches) -> dict:
             "eval_accuracy": sums["correct"] / max(sums["count"], 1.0)}
 
 
+def evaluate_tasks(config, built, params, tokenizer, mesh, rules, step: int) -> dict:
+    """config.eval_tasks scored on the in-memory parameters (no reload): {"eval/<task>/<metric>":
+    value}. Scoring is deterministic (greedy decoding, fixed few-shot draws), so a resumed run
+    logs the values an uninterrupted one logs."""
+    from llmjax.evaluation import tasks
+    from llmjax.evaluation.lm import LM
+    from llmjax.validate import eval_task_names
+    lm = LM.from_parts(built.graphdef, built.model_cfg, params, tokenizer,
+                       max_length=config.seq_len, mesh=mesh, rules=rules, step=step,
+                       data_cfg=config.data.to_dict())
+    record = {}
+    for name in eval_task_names(config):
+        task = tasks.get(name)
+        for metric, value in tasks.run(task, lm, limit=config.eval_tasks_limit or None).items():
+            record[f"eval/{task.name}/{metric}"] = float(value)
+    return record
+
+
 class NonFiniteError(RuntimeError):
     """The run stopped on a NaN/Inf loss or gradient (config.nonfinite="stop")."""
 
@@ -209,6 +227,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     writer.write(step, record)
                     say(metrics_lib.format_line(step, config.total_steps, record))
                     last.update(record)
+                    if config.get("eval_tasks", ""):
+                        record = evaluate_tasks(config, built, state["params"], tokenizer, mesh,
+                                                rules, step)
+                        writer.write(step, record)
+                        say(metrics_lib.format_line(step, config.total_steps, record))
+                        last.update(record)
                     paused = True
 
                 preempted = preemption.reached(step)

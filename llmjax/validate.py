@@ -22,6 +22,7 @@ _AT_LEAST = (
     ("model.vocab_size", 1), ("model.d_model", 1), ("model.num_layers", 1),
     ("model.num_heads", 1), ("model.mlp_dim", 1), ("model.max_len", 1),
     ("optim.warmup_steps", 0), ("sample.max_new_tokens", 0), ("sample.top_k", 0),
+    ("eval_tasks_limit", 0),
 )
 
 
@@ -67,6 +68,7 @@ def validate_config(config, workdir: str | None = None) -> None:
         raise ValueError(f"fault_nonfinite_steps={steps!r} must list step numbers >= 1 (steps "
                          "count from 1), e.g. --config.fault_nonfinite_steps='(5,)'.")
     _validate_task(config)
+    check_eval_tasks(config)
     check_ignored_keys(config)
     paths.check_reachable(config.data.tokenizer, "data.tokenizer")
     if config.data.tokenizer and not paths.path(config.data.tokenizer).exists():
@@ -76,6 +78,33 @@ def validate_config(config, workdir: str | None = None) -> None:
         _check_tokenizer_file(config.data.tokenizer)
     if workdir is not None:
         paths.check_workdir(workdir)
+
+
+def eval_task_names(config) -> list[str]:
+    """The names (or spec paths) in config.eval_tasks, in order."""
+    return [n.strip() for n in str(config.get("eval_tasks", "") or "").split(",") if n.strip()]
+
+
+def check_eval_tasks(config) -> None:
+    """Every eval_tasks entry names a task (llmjax/evaluation/tasks.py) this model can score."""
+    names = eval_task_names(config)
+    if not names:
+        return
+    import types
+
+    from llmjax.evaluation import tasks  # pylint: disable=g-import-not-at-top
+    num_labels = config.model.get("num_labels", 0)
+    # What tasks.check_applies reads of a model: its family, labels and scoring methods.
+    model = types.SimpleNamespace(
+        family=config.model.get("family", "decoder"),
+        labels=list(config.data.get("labels", ()) or range(num_labels)) if num_labels else None,
+        masked_logprob=None)
+    for name in names:
+        try:
+            tasks.check_applies(tasks.get(name), model)
+        except ValueError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"eval_tasks={config.eval_tasks!r}: {first}") from None
 
 
 # data.task -> the model family it trains (data/finetune.py reads its examples).

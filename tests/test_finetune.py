@@ -10,6 +10,7 @@ import pytest
 from llmjax import sharding, steps
 from llmjax.checkpoint import Checkpointer
 from llmjax.data import finetune, tasks
+from llmjax.evaluation import stdlib_modules
 from tests.helpers import synthetic_batches, tiny_config
 
 
@@ -141,7 +142,7 @@ def test_shipped_task_is_well_formed():
     assert all(e["prompt"].startswith("Docstring: ") and e["prompt"].endswith("\nModule:")
                for e in train)
     assert tasks.stdlib_module_examples(modules=("tarfile", "http"), per_class=40) == splits
-    assert 0.3 <= tasks.majority_accuracy(train, validation) <= 0.7
+    assert 0.3 <= stdlib_modules.majority_accuracy(train, validation) <= 0.7
 
 
 @pytest.fixture(scope="module")

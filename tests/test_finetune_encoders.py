@@ -11,6 +11,7 @@ import pytest
 from llmjax import sharding, steps
 from llmjax.checkpoint import Checkpointer
 from llmjax.data import finetune, tasks
+from llmjax.evaluation import stdlib_modules
 from llmjax.validate import validate_config
 
 import family_helpers as fh
@@ -300,7 +301,7 @@ def test_classification_run_beats_majority(tmp_path, tokenizer_path):
     from llmjax.generate import load_run
     run = load_run(str(tmp_path / "run"))
     assert tuple(run.config.data.labels) == LABELS
-    assert tasks.teacher_forced_accuracy(run, run.config.data) == pytest.approx(
+    assert stdlib_modules.teacher_forced_accuracy(run, run.config.data) == pytest.approx(
         last["eval_accuracy"])
 
 
@@ -344,8 +345,8 @@ def test_seq2seq_run_beats_majority(tmp_path, tokenizer_path):
     majority = majority_token_accuracy(Tokenizer.load(tokenizer_path), train, evaluation)
     assert last["eval_accuracy"] > majority + 0.1, (last, majority)
     from llmjax.generate import load_run
-    exact = tasks.teacher_forced_accuracy(load_run(str(tmp_path / "run")), config.data)
-    assert exact > tasks.majority_accuracy(train, evaluation, "target") + 0.2
+    exact = stdlib_modules.teacher_forced_accuracy(load_run(str(tmp_path / "run")), config.data)
+    assert exact > stdlib_modules.majority_accuracy(train, evaluation, "target") + 0.2
 
 
 def test_shipped_task_forms_share_the_splits():

@@ -5,21 +5,21 @@ or class with a docstring in one of eight packages gives one example
     {"prompt": "Docstring: <first paragraph, at most 200 chars>\\nModule:", "response": " asyncio"}
 at most `PER_CLASS` per package (so no class dominates); a stable hash of the definition's
 qualified name puts about 15% of them in the validation split. Fine-tuning a pretrained decoder
-on it (configs/sft_stdlib_modules.py) is a classification task in generation form: the accuracy
-that matters is the exact match of the greedy answer, which `python -m llmjax.data.tasks
---workdir=DIR` prints next to the majority-class baseline.
+on it (configs/sft_stdlib_modules.py) is a classification task in generation form.
 
 The same examples (same splits) are also written as classification JSONL
 {"text": <paragraph>, "label": "asyncio"} for encoders (configs/classify_stdlib_modules.py, the
 labels are `MODULES`) and as seq2seq JSONL {"input": <paragraph>, "target": "asyncio"} for
-encoder-decoders (configs/seq2seq_stdlib_modules.py); `data.task` picks the form. For those
-two, `python -m llmjax.data.tasks --workdir=DIR` prints the majority-class baseline next to the
-accuracy (classification) or the exact match of the greedy answer computed by teacher forcing
-(seq2seq: the answer is right when every target token is the argmax, which is exactly when
-greedy decoding would produce it).
+encoder-decoders (configs/seq2seq_stdlib_modules.py); `data.task` picks the form. Scoring a
+fine-tuned run on it is `python -m llmjax.evaluation.stdlib_modules --workdir=DIR`
+(llmjax/evaluation/stdlib_modules.py); this package only builds the examples.
 
 The JSONL files are built once into DATA_DIR/llmjax_tasks/<task>-<python>-v<N>/: train.jsonl and
 validation.jsonl (sft), classification_<split>.jsonl, seq2seq_<split>.jsonl.
+
+For the evaluation tasks (llmjax/evaluation/task_files/) this module also lists the held-out
+documents of the default corpus (`held_out_documents`: never trained on) and the documented
+definitions inside them (`held_out_definitions`: docstring, name and three other names).
 """
 
 from __future__ import annotations
@@ -120,93 +120,61 @@ def build(data_cfg) -> dict[str, str]:
     return paths[task if task in FORMS else "sft"]
 
 
-def majority_accuracy(train: list[dict], validation: list[dict], key: str = "response") -> float:
-    """Accuracy on `validation` of always answering the most common training answer (`key`)."""
-    majority = collections.Counter(e[key] for e in train).most_common(1)[0][0]
-    return sum(e[key] == majority for e in validation) / len(validation)
+# The default corpus's validation_fraction: a document whose path hash is below it is held out
+# of training by every run with that fraction or a larger one (the split is a threshold).
+HELD_OUT_FRACTION = 0.02
 
 
-def teacher_forced_accuracy(run, data_cfg) -> float:
-    """Share of the validation examples of a classification or seq2seq run that are right:
-    the argmax label (classification), or every target token the argmax given the ones before
-    (seq2seq: exactly when greedy decoding writes the whole target and its eos)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    from llmjax import sharding, steps
-    from llmjax.data.finetune import load_examples, make_eval_batches
-
-    count = len(load_examples(data_cfg, "validation"))
-    batch_size = 32
-    batches = make_eval_batches(data_cfg, run.tokenizer, seq_len=run.config.seq_len,
-                                batch_size=batch_size, num_batches=-(-count // batch_size),
-                                process_index=0, process_count=1)
-
-    @jax.jit
-    def right(params, batch):  # per row: 1 if every scored target is the argmax (0 if none scored)
-        logits = steps.forward(nnx.merge(run.graphdef, params), batch)
-        ok = (logits.argmax(-1) == batch["targets"]) | (batch["weights"] == 0)
-        return ok.all(-1) & (batch["weights"].sum(-1) > 0)
-
-    with sharding.use_mesh(run.mesh, run.rules):
-        correct = sum(int(np.sum(jax.device_get(right(run.params, {k: jnp.asarray(v)
-                                                                   for k, v in b.items()}))))
-                      for b in batches)
-    return correct / count
+def held_out_documents(fraction: float = HELD_OUT_FRACTION, max_bytes: int = 12_000) -> list[dict]:
+    """[{"path", "text"}] of the default corpus's held-out documents (`documents.held_out`), the
+    non-empty ones of at most `max_bytes` (a few dozen kB in all: a quick perplexity check)."""
+    docs = documents.stdlib_documents()
+    chosen = documents.held_out(docs, fraction)
+    out = []
+    for doc in docs:
+        if doc.path in chosen and 0 < doc.size <= max_bytes:
+            text = doc.read()
+            if text.strip():
+                out.append({"path": doc.path, "text": text})
+    return out
 
 
-def exact_match(run, examples: list[dict], batch_size: int = 64) -> float:
-    """Share of examples whose greedy continuation (up to eos) is exactly the response."""
-    from llmjax import sharding
-    from llmjax.generate import Generator, encode_prompt
-    gen = Generator(run.graphdef, run.model_cfg, mesh=run.mesh, rules=run.rules)
-    longest = max(len(run.tokenizer.encode(e["response"])) for e in examples)
-    correct = 0
-    with sharding.use_mesh(run.mesh, run.rules):
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
-            out = gen.generate(run.params, [encode_prompt(run.tokenizer, e["prompt"]) for e in chunk],
-                               max_new_tokens=longest + 1, stop_ids=(run.tokenizer.eos_id,))
-            correct += sum(run.tokenizer.decode(t) == e["response"]
-                           for t, e in zip(out.tokens, chunk))
-    return correct / len(examples)
-
-
-def main(argv):
-    from absl import flags
-
-    from llmjax.data.finetune import TASK_FIELDS, read_jsonl
-    from llmjax.generate import load_run
-    from absl import logging as absl_logging
-    del argv
-    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's restore notes are not news here
-    run = load_run(flags.FLAGS.workdir)
-    kind = run.config.data.get("task", "sft")
-    if kind in ("classification", "seq2seq"):
-        data_cfg = run.config.data.to_dict()
-        data_cfg["name"] = flags.FLAGS.task
-        paths = build(data_cfg)
-        fields = TASK_FIELDS[kind][0]
-        key = fields[1]  # the answer: "label" or "target"
-        train, validation = read_jsonl(paths["train"], fields), read_jsonl(paths["validation"], fields)
-        accuracy = teacher_forced_accuracy(run, data_cfg)
-    else:
-        paths = build({"name": flags.FLAGS.task, "data_dir": run.config.data.get("data_dir", "")})
-        train, validation = read_jsonl(paths["train"]), read_jsonl(paths["validation"])
-        key, accuracy = "response", exact_match(run, validation)
-    result = {"task": flags.FLAGS.task, "form": kind, "workdir": flags.FLAGS.workdir,
-              "step": run.step, "validation_examples": len(validation),
-              "majority_class_accuracy": round(majority_accuracy(train, validation, key), 4),
-              ("accuracy" if kind == "classification" else "exact_match_accuracy"):
-                  round(accuracy, 4)}
-    print(json.dumps(result))
+def held_out_definitions(fraction: float = HELD_OUT_FRACTION, num_choices: int = 4) -> list[dict]:
+    """One record per public documented function or class of the held-out source documents:
+    {"docstring": first paragraph (at most 200 chars), "name", "path", "choices": the name and
+    `num_choices - 1` other names of the set, "answer": the name's index}; deterministic (stable
+    hashes choose the other names and the answer's place)."""
+    docs = documents.stdlib_documents()
+    chosen = documents.held_out(docs, fraction)
+    found: dict[str, tuple[str, str]] = {}
+    for doc in docs:
+        if doc.path not in chosen or doc.file is None:
+            continue
+        try:
+            tree = ast.parse(doc.read())
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                    and not node.name.startswith("_") and node.name not in found):
+                text = ast.get_docstring(node) or ""
+                paragraph = " ".join(text.split("\n\n")[0].split())[:200]
+                if len(paragraph) >= 20:
+                    found[node.name] = (doc.path, paragraph)
+    names = sorted(found)
+    records = []
+    for name in names:
+        others = sorted((n for n in names if n != name), key=lambda n: _unit_hash(f"{name}>{n}"))
+        choices = others[:num_choices - 1]
+        answer = int(_unit_hash("answer:" + name) * num_choices)
+        choices.insert(answer, name)
+        path, paragraph = found[name]
+        records.append({"docstring": paragraph, "name": name, "path": path, "choices": choices,
+                        "answer": answer})
+    return records
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    flags.DEFINE_string("workdir", None, "A run (pretrained or fine-tuned) to evaluate.", required=True)
-    flags.DEFINE_string("task", "stdlib_modules", "Which shipped task.")
-    app.run(main)
-
+    # The scoring moved to llmjax/evaluation/stdlib_modules.py; the old command still works.
+    import runpy
+    runpy.run_module("llmjax.evaluation.stdlib_modules", run_name="__main__", alter_sys=True)
