@@ -17,7 +17,8 @@ stamp="$VENV/.llmjax-installed"
 # LLMJAX_TEST_EXTRA=1 (scripts/test.sh) adds the test extra's pinned torch (CPU) + transformers
 # and the tpu extra's libtpu (the tests compile for a TPU topology ahead of time);
 # LLMJAX_TPU_EXTRA=1 adds libtpu alone (a TPU VM, or planning with describe --topology).
-# The gcs extra (gcsfs: gs:// workdirs) comes with both, or alone with LLMJAX_GCS_EXTRA=1.
+# The gcs extra (gcsfs: gs:// workdirs) comes with both, or alone with LLMJAX_GCS_EXTRA=1; the
+# eval extra (lm-evaluation-harness) with the tests, or alone with LLMJAX_EVAL_EXTRA=1.
 locks="requirements/lock.txt"
 if [ "${LLMJAX_TEST_EXTRA:-0}" = 1 ]; then locks="$locks requirements/test-lock.txt"; fi
 if [ "${LLMJAX_TEST_EXTRA:-0}" = 1 ] || [ "${LLMJAX_TPU_EXTRA:-0}" = 1 ]; then
@@ -26,6 +27,9 @@ fi
 if [ "${LLMJAX_TEST_EXTRA:-0}" = 1 ] || [ "${LLMJAX_TPU_EXTRA:-0}" = 1 ] \
     || [ "${LLMJAX_GCS_EXTRA:-0}" = 1 ]; then
   locks="$locks requirements/gcs-lock.txt"
+fi
+if [ "${LLMJAX_TEST_EXTRA:-0}" = 1 ] || [ "${LLMJAX_EVAL_EXTRA:-0}" = 1 ]; then
+  locks="$locks requirements/eval-lock.txt"
 fi
 want="$(cat $locks pyproject.toml | cksum)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
@@ -42,6 +46,9 @@ case " $locks " in *tpu-lock.txt*)
 esac
 case " $locks " in *gcs-lock.txt*)
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements/gcs-lock.txt ;;
+esac
+case " $locks " in *eval-lock.txt*)
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements/eval-lock.txt ;;
 esac
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
 echo "$want" > "$stamp"
