@@ -26,3 +26,15 @@ def tokenizer_path(tmp_path_factory):
     from tests.helpers import tiny_config
     workdir = tmp_path_factory.mktemp("tokenizer")
     return data_lib.load_or_train_tokenizer(tiny_config().data, 512, str(workdir)).path
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(devices, tokenizer_path, tmp_path_factory):
+    """A workdir a real run left behind (tests/reliability_config.py for 2 steps): metrics, data
+    spec and the checkpoint of step 2. Shared: the bad-input tests check they leave it unchanged,
+    evaluation reads it."""
+    from llmjax import main as main_lib
+    from tests.test_bad_input import config_with
+    workdir = tmp_path_factory.mktemp("trained")
+    main_lib.run(config_with(tokenizer_path, {"total_steps": 2}), str(workdir))
+    return workdir

@@ -29,14 +29,6 @@ def config_with(tokenizer_path, overrides):
     return apply_overrides(c, overrides)
 
 
-@pytest.fixture(scope="module")
-def trained_workdir(devices, tokenizer_path, tmp_path_factory):
-    """A workdir a real run left behind: metrics, data spec and the checkpoint of step 2."""
-    workdir = tmp_path_factory.mktemp("trained")
-    main_lib.run(config_with(tokenizer_path, {"total_steps": 2}), str(workdir))
-    return workdir
-
-
 def tree_files(path) -> dict:
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file()
             else "dir" for p in sorted(pathlib.Path(path).rglob("*"))}

@@ -318,11 +318,8 @@ def test_list_tasks():
     assert any(line.split()[:3] == ["py2to3", "generation", "40"] for line in lines)
 
 
-from tests.test_bad_input import trained_workdir  # noqa: E402,F401  (the tiny run, reused)
-
-
 @pytest.mark.slow
-def test_evaluate_a_trained_run(trained_workdir, tmp_path):  # noqa: F811
+def test_evaluate_a_trained_run(trained_workdir, tmp_path):  # the tiny run of conftest
     """Every kind a decoder can score, on a tiny trained run, through the command line."""
     out = tmp_path / "results.json"
     result = evaluate_cli(f"--workdir={trained_workdir}", "--limit=3", "--batch_size=4",
