@@ -14,7 +14,8 @@ from PIL import Image, UnidentifiedImageError
 
 
 def load_image(path_or_bytes, size: int | None, resize: bool = True) -> np.ndarray:
-    """The image at `path_or_bytes` (a path, or the encoded bytes) as float32 [size, size, 3].
+    """The image at `path_or_bytes` (a path, the encoded bytes, or decoded uint8 pixels
+    [H, W, C] as a TFDS image feature gives them) as float32 [size, size, 3].
 
     Any mode Pillow reads (palette, grey, RGBA, CMYK...) is converted to RGB; pixel values are
     mapped from [0, 255] to [-1, 1]. With `resize`, the image is resized to `size` x `size` with
@@ -24,10 +25,14 @@ def load_image(path_or_bytes, size: int | None, resize: bool = True) -> np.ndarr
     """
     name = _name(path_or_bytes)
     try:
-        source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else (
-            os.fspath(path_or_bytes))
-        with Image.open(source) as image:
-            image = image.convert("RGB")
+        if isinstance(path_or_bytes, np.ndarray):
+            pixels = path_or_bytes[..., 0] if path_or_bytes.shape[-1:] == (1,) else path_or_bytes
+            image = Image.fromarray(pixels.astype(np.uint8)).convert("RGB")
+        else:
+            source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else (
+                os.fspath(path_or_bytes))
+            with Image.open(source) as image:
+                image = image.convert("RGB")
     except FileNotFoundError:
         raise ValueError(f"Cannot read the image {name}: there is no such file; check the path "
                          "(JSONL image paths are relative to data.image_dir).") from None
@@ -50,5 +55,7 @@ def normalize(pixels: np.ndarray) -> np.ndarray:
 def _name(path_or_bytes) -> str:
     if isinstance(path_or_bytes, (bytes, bytearray)):
         return f"<{len(path_or_bytes)} encoded bytes>"
+    if isinstance(path_or_bytes, np.ndarray):
+        return f"<pixels {path_or_bytes.shape}>"
     return repr(os.fspath(path_or_bytes)) if isinstance(path_or_bytes, (str, os.PathLike)) else (
         repr(path_or_bytes))
