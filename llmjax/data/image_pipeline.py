@@ -250,3 +250,29 @@ def tokenizer_texts(data_cfg, max_chars: int) -> list[str]:
         if total >= max_chars:
             break
     return texts
+
+
+def tokenizer_data(data_cfg):
+    """The data section a new tokenizer is trained from: the training examples' texts (at most
+    data.tokenizer_train_chars), written once as text files into the data dir and read as a
+    data.name='text' corpus, so the tokenizer knows the captions', questions' and answers' words."""
+    import hashlib  # pylint: disable=g-import-not-at-top
+    texts = tokenizer_texts(data_cfg, int(data_cfg.get("tokenizer_train_chars", 5_000_000)))
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    folder = os.path.join(corpus.resolve_data_dir(data_cfg), "llmjax_image_text", digest)
+    parts = 16  # documents, so that holding out a validation share leaves most of them to train on
+    if not os.path.isdir(folder):
+        tmp = f"{folder}.tmp{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        for k in range(parts):
+            with open(os.path.join(tmp, f"part-{k:02d}.txt"), "w", encoding="utf-8") as f:
+                f.write("\n".join(texts[k::parts]) + "\n")
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process wrote the same texts first
+            import shutil  # pylint: disable=g-import-not-at-top
+            shutil.rmtree(tmp, ignore_errors=True)
+    source = data_cfg.copy_and_resolve_references()
+    with source.unlocked():
+        source.name, source.files, source.task = "text", os.path.join(folder, "*.txt"), "lm"
+    return source

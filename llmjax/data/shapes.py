@@ -41,16 +41,19 @@ NUMBERS = ("zero", "one", "two", "three", "four")
 KINDS = ("colour", "count", "shape", "position")
 SPLITS = ("train", "validation", "test")
 # Bump when the rendering or the text changes for the same settings; it is part of the cache key.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 DEFAULTS = {"image_size": 32, "train": 20_000, "validation": 1_000, "test": 1_000, "seed": 0}
 
 
 def settings(data_cfg) -> dict[str, int]:
-    """The dataset's settings from the config: data.image_size, data.shapes_{train,validation,
-    test} (split sizes) and data.shapes_seed, defaults in `DEFAULTS`."""
+    """The dataset's settings from the config: data.image_size, data.shapes_train,
+    data.shapes_validation (also the test split's size) and data.shapes_seed."""
     get = data_cfg.get
     return {"image_size": int(get("image_size", DEFAULTS["image_size"])),
-            **{s: int(get(f"shapes_{s}", DEFAULTS[s])) for s in SPLITS},
+            "train": int(get("shapes_train", DEFAULTS["train"])),
+            # The test split is as large as validation: both are held out, one to tune on.
+            **dict.fromkeys(("validation", "test"),
+                            int(get("shapes_validation", DEFAULTS["validation"]))),
             "seed": int(get("shapes_seed", DEFAULTS["seed"]))}
 
 
@@ -195,6 +198,7 @@ class LlmjaxShapes(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="Coloured shapes on black with captions and questions (llmjax).",
+            disable_shuffling=True,  # record i is example i (Grain shuffles for training)
             features=tfds.features.FeaturesDict({
                 "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
                 **{k: tfds.features.Text() for k in ("text", "question", "answer", "kind",
