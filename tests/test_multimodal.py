@@ -32,9 +32,14 @@ def tiny_config(**overrides):
 @pytest.fixture(scope="module")
 def model():
     cfg = ModelConfig(**MODEL)
-    with nnx.use_eager_sharding(False):
-        m = build_model(cfg, nnx.Rngs(0))
-    graphdef, params = nnx.split(m)
+    graphdef, _ = steps.abstract_model(cfg)
+
+    @jax.jit
+    def init():  # one compiled init: creating the model eagerly costs ~20 s of op dispatch
+        with nnx.use_eager_sharding(False):
+            return nnx.state(build_model(cfg, nnx.Rngs(0)))
+
+    params = init()
 
     @jax.jit
     def everything(params, batch):
@@ -184,3 +189,57 @@ def test_bad_model_config_is_one_line(overrides, message):
 def test_vision_keys_belong_to_multimodal():
     with pytest.raises(ValueError, match="belongs to the multimodal family"):
         ModelConfig(family="decoder", image_size=32)
+
+
+def test_cached_generation_equals_full_forward(model):
+    from llmjax.generate import MultimodalGenerator, layout
+    cfg, graphdef, params, _ = model
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, 64, 5).tolist(), rng.integers(1, 64, 2).tolist()]
+    images = [[rng.uniform(-1, 1, (16, 16, 3)).astype(np.float32)],  # one image, one empty slot
+              [rng.uniform(-1, 1, (16, 16, 3)).astype(np.float32) for _ in range(2)]]
+    gen = MultimodalGenerator(graphdef, cfg)
+    new = 6
+    out = gen.generate(params, prompts, images=images, max_new_tokens=new)
+    assert [len(t) for t in out.tokens] == [new, new]
+    full = jax.jit(lambda p, b: steps.forward(nnx.merge(graphdef, p), b))
+    for row, (prompt, imgs) in enumerate(zip(prompts, images)):
+        text = prompt + out.tokens[row]
+        pixels, image_segments = gen.image_batch([imgs])
+        batch = {"inputs": np.zeros((1, L + 8), np.int32), "segment_ids": np.zeros((1, L + 8), np.int32),
+                 "positions": np.zeros((1, L + 8), np.int32), "images": pixels,
+                 "image_segment_ids": image_segments}
+        batch["inputs"][0, :len(text)] = text
+        batch["segment_ids"][0, :len(text)] = 1
+        batch["positions"][0, :len(text)] = np.arange(len(text))
+        logits = np.asarray(full(params, batch))[0]
+        # Greedy: each new token is the argmax of the full pass at the token before it.
+        greedy = logits[len(prompt) - 1:len(text) - 1].argmax(-1)
+        np.testing.assert_array_equal(greedy, out.tokens[row])
+        # The prefill's logits (images + prompt through the cache) equal the full pass's.
+        tokens, segments, positions, last = layout([prompt])
+        prefill, _ = gen._prefill_images(params, tokens, segments, positions, last, pixels,
+                                         image_segments, tokens.shape[1] + 1)
+        np.testing.assert_allclose(np.asarray(prefill)[0], logits[len(prompt) - 1], atol=1e-4)
+
+
+def test_generation_bad_input_is_one_line(model):
+    from llmjax.generate import MultimodalGenerator, sample_text
+    cfg, graphdef, params, _ = model
+    gen = MultimodalGenerator(graphdef, cfg)
+    image = np.zeros((16, 16, 3), np.float32)
+    cases = [
+        (dict(images=[[]]), "has no image"),
+        (dict(images=[[image] * 3]), "at most model.max_images=2"),
+        (dict(images=[[np.zeros((8, 8, 3), np.float32)]]), "not the model's"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=message) as e:
+            gen.generate(params, [[1, 2]], max_new_tokens=2, **kw)
+        assert "\n" not in str(e.value)
+    sample = base_config().sample
+    with pytest.raises(ValueError, match="answers about an image"):
+        sample_text(graphdef, cfg, params, None, sample, ["hi"])
+    text_cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=4, mlp_dim=64)
+    with pytest.raises(ValueError, match="reads text only"):
+        sample_text(graphdef, text_cfg, params, None, sample, ["hi"], images=[[image]])
