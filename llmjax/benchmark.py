@@ -75,9 +75,11 @@ class LlmjaxStep:
             # encoder-decoder's decoder side is shorter); every position is a scored real token.
             rng = np.random.default_rng(0)
             self.local = local = {}
-            for key, (rows, length) in steps_lib.batch_shapes(config, built.model_cfg).items():
-                shape = (rows // jax.process_count(), length)
-                if key in ("inputs", "targets", "decoder_inputs"):
+            for key, (rows, length, *rest) in steps_lib.batch_shapes(config, built.model_cfg).items():
+                shape = (rows // jax.process_count(), length, *rest)
+                if key == "images":  # multimodal: blank images
+                    local[key] = np.zeros(shape, np.float32)
+                elif key in ("inputs", "targets", "decoder_inputs"):
                     local[key] = rng.integers(0, built.model_cfg.vocab_size, shape, dtype=np.int32)
                 elif key.endswith("positions"):
                     local[key] = np.broadcast_to(np.arange(length, dtype=np.int32), shape).copy()

@@ -162,7 +162,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""
     c.optim.freeze = ""  # regex of parameter paths kept frozen, e.g. "embedding$"
     # lm: language modelling on text | sft: JSONL {"prompt", "response"} |
-    # seq2seq: JSONL {"input", "target"} | classification: JSONL {"text", "label"}
+    # seq2seq: JSONL {"input", "target"} | classification: JSONL {"text", "label"} |
+    # captions / vqa: images with text / with a question and its answer (image_pipeline.py)
     c.data.task = "lm"
     c.data.eval_files = ""  # fine-tuning: JSONL file(s) of evaluation examples (train ones: data.files)
     c.data.prompt_key = "prompt"  # sft: the JSON key / TFDS feature of the prompt
@@ -174,6 +175,15 @@ def base_config() -> ml_collections.ConfigDict:
     # prediction use the same mapping); model.num_labels must equal its length.
     c.data.labels = ()
     c.data.target_len = 0  # seq2seq: decoder length (0: seq_len)
+    # Image-text data (data.task captions | vqa, llmjax/data/image_pipeline.py): data.name='shapes'
+    # (synthetic, built on first use), JSONL data.files/eval_files, or a TFDS image-text dataset.
+    c.data.image_size = 32  # images: side in pixels after resizing (must equal model.image_size)
+    c.data.max_images = 1  # images: most images one packed row carries (must equal model.max_images)
+    c.data.resize_images = True  # images: resize to image_size (False: another size is an error)
+    c.data.image_dir = ""  # images: folder JSONL image paths are relative to ('': the JSONL's folder)
+    c.data.shapes_train = 20_000  # name='shapes': training examples
+    c.data.shapes_validation = 1_000  # name='shapes': validation (and test) examples
+    c.data.shapes_seed = 0  # name='shapes': the seed the images are drawn from
 
     c.mesh = ml_collections.ConfigDict(dict(
         shape=(-1, 1, 1),  # devices along (data, fsdp, tensor); one entry may be -1 (the rest)

@@ -3,6 +3,9 @@
     python -m llmjax.generate --workdir=DIR --prompt="def fib(n):"      # one continuation
     python -m llmjax.generate --workdir=DIR                             # prompts from stdin
     python -m llmjax.generate --workdir=DIR --benchmark                 # decode speed
+    python -m llmjax.generate --workdir=DIR --image=cat.png --prompt="caption:"   # multimodal
+    echo '{"image": "cat.png", "prompt": "question: what colour? answer:"}' | \
+        python -m llmjax.generate --workdir=DIR                         # (image, prompt) pairs
     --config.sample.temperature=0.7 --config.sample.top_k=40 --config.sample.top_p=0.9
     --config.sample.max_new_tokens=64 --config.sample.seed=1            # sampling overrides
 
@@ -13,7 +16,10 @@ The command dispatches on the run's model.family: a decoder continues the prompt
 encoder-decoder decodes a target from it as its encoder input, greedily, by sampling, or by beam
 search with --config.sample.num_beams=4 --config.sample.length_penalty=0.6 (llmjax/beam_search.py);
 an encoder lists the --config.sample.top_k likeliest tokens of each <mask> in it
-(llmjax/fill_mask.py).
+(llmjax/fill_mask.py); a multimodal decoder continues the prompt after the image (loaded and
+resized by llmjax/data/images.py), which it encodes once into the KV cache
+(`MultimodalGenerator`); its stdin lines are JSON objects {"image": path (or "images": [paths]),
+"prompt": text}.
 
 Decoding: the prompts are laid out in one [batch, prompt_len] array (left-padded by default, so
 every row's last prompt token is in the same column; right padding works too), each row with its
@@ -213,6 +219,75 @@ class Generator(Compiled):
         return Output(rows, stopped)
 
 
+class MultimodalGenerator(Generator):
+    """`Generator` for model.family='multimodal': the prefill writes each row's images (encoded
+    once by the ViT) and then its prompt into the KV cache, with the prefix-LM mask (image columns
+    bidirectional); the text then decodes with the cache exactly as for a text decoder."""
+
+    @functools.partial(jax.jit, static_argnums=(0, 8))
+    def _prefill_images(self, params, tokens, segments, positions, last, images, image_segments,
+                        cache_len):
+        model = nnx.merge(self.graphdef, params)
+        cache = init_cache(self.cfg, tokens.shape[0], self.cfg.image_tokens + cache_len)
+        logits, cache = model.prefill(tokens, segments, positions, images, image_segments, cache)
+        return logits[jnp.arange(tokens.shape[0]), last], cache
+
+    def image_batch(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """Per prompt a list of 1..max_images images [size, size, 3] (or one array) -> (images
+        [B, M, size, size, 3], image_segment_ids [B, M]), unused slots empty."""
+        cfg = self.cfg
+        shape = (cfg.image_size, cfg.image_size, 3)
+        pixels = np.zeros((len(images), cfg.max_images, *shape), np.float32)
+        segments = np.zeros((len(images), cfg.max_images), np.int32)
+        for row, given in enumerate(images):
+            given = [given] if isinstance(given, np.ndarray) and given.ndim == 3 else list(given)
+            if not given:
+                raise ValueError(f"prompt {row} has no image; a multimodal model answers about an "
+                                 "image: give one (--image=path.png).")
+            if len(given) > cfg.max_images:
+                raise ValueError(f"prompt {row} has {len(given)} images but the model takes at "
+                                 f"most model.max_images={cfg.max_images}.")
+            for slot, image in enumerate(given):
+                if np.shape(image) != shape:
+                    raise ValueError(f"image {slot} of prompt {row} has shape {np.shape(image)}, "
+                                     f"not the model's {shape}; load it with "
+                                     "llmjax.data.images.load_image(path, model.image_size).")
+                pixels[row, slot], segments[row, slot] = image, 1
+        return pixels, segments
+
+    def generate(self, params, prompts, *, images, max_new_tokens: int,
+                 sampling: Sampling = Sampling(), seed: int = 0, stop_ids: Sequence[int] = (),
+                 padding: str = "left") -> Output:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists; give one "
+                             "list of images per prompt.")
+        pixels, image_segments = self.image_batch(images)
+        steps = self.check(prompts, max_new_tokens)
+        longest = max(len(p) for p in prompts)
+        room = self.cfg.max_len - self.cfg.image_tokens - longest
+        if room < 1:
+            raise ValueError(f"a prompt of {longest} tokens after {self.cfg.image_tokens} image "
+                             f"tokens leaves no room in model.max_len={self.cfg.max_len}; shorten it.")
+        steps = min(steps, room)
+        stop = tuple(int(s) for s in stop_ids)
+        tokens, segments, positions, last = layout(prompts, padding=padding)
+        # Decoding continues after the row's image tokens (the prefill shifts the prompt itself).
+        next_pos = (np.array([len(p) for p in prompts])
+                    + image_segments.sum(1) * self.cfg.num_patches).astype(np.int32)
+        with self._context():
+            logits, cache = self._prefill_images(params, tokens, segments, positions, last, pixels,
+                                                 image_segments, tokens.shape[1] + steps)
+            out = self._decode(params, logits, cache, next_pos, jax.random.key(seed), steps,
+                               sampling, stop)
+        out = np.asarray(jax.device_get(out))
+        rows, stopped = [], []
+        for row in out.tolist():
+            cut = next((i for i, t in enumerate(row) if t in stop), None)
+            rows.append(row if cut is None else row[:cut])
+            stopped.append(cut is not None)
+        return Output(rows, stopped)
+
+
 def generate(graphdef, model_cfg, params, prompts, **kw) -> Output:
     """One-shot `Generator(graphdef, model_cfg).generate(params, prompts, **kw)`."""
     return Generator(graphdef, model_cfg).generate(params, prompts, **kw)
@@ -228,14 +303,22 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 
 def sample_text(graphdef, model_cfg, params, tokenizer, sample_cfg, prompts=None, *,
-                data_cfg=None, mesh=None, rules=None) -> list[str]:
+                data_cfg=None, mesh=None, rules=None, images=None) -> list[str]:
     """What the model family does with `prompts` (default: [sample.prompt]) under the config's
     sample settings: a decoder continues each prompt (stopping at the tokenizer's eos); an
     encoder-decoder decodes a target for each as its encoder input (`data_cfg`, the run's data
     section, says how inputs were tokenized and how the decoder starts; llmjax/beam_search.py,
     default span corruption); an encoder lists the
     top-k candidates of each <mask> (llmjax/fill_mask.py; the default prompt gets a <mask>
-    appended when it has none)."""
+    appended when it has none); a multimodal decoder continues each prompt after its `images`
+    (one list of [size, size, 3] arrays in [-1, 1] per prompt), and needs them."""
+    if images is not None and model_cfg.family != "multimodal":
+        raise ValueError(f"an image was given but this run's model.family={model_cfg.family!r} "
+                         "reads text only; drop --image or use a multimodal run.")
+    if model_cfg.family == "multimodal" and images is None:
+        raise ValueError("this run is multimodal (model.family='multimodal') and answers about an "
+                         "image: pass --image=path.png, or JSON lines {\"image\": ..., "
+                         "\"prompt\": ...} on stdin.")
     if model_cfg.family == "encoder_decoder":
         from llmjax.beam_search import seq2seq_text
         texts = [sample_cfg.prompt] if prompts is None else list(prompts)
@@ -253,9 +336,14 @@ def sample_text(graphdef, model_cfg, params, tokenizer, sample_cfg, prompts=None
     sampling = Sampling(float(sample_cfg.temperature), int(sample_cfg.top_k),
                         float(sample_cfg.get("top_p", 1.0)))
     eos = tokenizer.eos_id
-    out = generate(graphdef, model_cfg, params, [encode_prompt(tokenizer, t) for t in texts],
-                   max_new_tokens=int(sample_cfg.max_new_tokens), sampling=sampling,
-                   seed=int(sample_cfg.get("seed", 0)), stop_ids=(eos,) if eos >= 0 else ())
+    kw = dict(max_new_tokens=int(sample_cfg.max_new_tokens), sampling=sampling,
+              seed=int(sample_cfg.get("seed", 0)), stop_ids=(eos,) if eos >= 0 else ())
+    encoded = [encode_prompt(tokenizer, t) for t in texts]
+    if model_cfg.family == "multimodal":
+        out = MultimodalGenerator(graphdef, model_cfg, mesh=mesh, rules=rules).generate(
+            params, encoded, images=images, **kw)
+    else:
+        out = generate(graphdef, model_cfg, params, encoded, **kw)
     return [t + tokenizer.decode(new) for t, new in zip(texts, out.tokens)]
 
 
@@ -428,6 +516,11 @@ def main(argv):
         check_sample(sample)
         args = (run.graphdef, run.model_cfg, run.params, run.tokenizer, sample)
         kw = dict(data_cfg=run.config.data)
+        multimodal = run.model_cfg.family == "multimodal"
+        if flags.FLAGS.image is not None or (multimodal and flags.FLAGS.prompt is not None):
+            if flags.FLAGS.prompt is None:
+                raise ValueError("--image needs --prompt (the text to continue after the image).")
+            kw["images"] = _load_images(run, [flags.FLAGS.image] if flags.FLAGS.image else None)
         if flags.FLAGS.prompt is not None:
             with _mesh(run):
                 print(sample_text(*args, prompts=[flags.FLAGS.prompt], **kw)[0])
@@ -446,10 +539,40 @@ def main(argv):
         if not line.strip():
             continue
         try:
+            prompt, line_kw = line, kw
+            if multimodal:  # {"image": path or "images": [paths], "prompt": text}
+                prompt, paths = _image_request(line)
+                line_kw = dict(kw, images=_load_images(run, paths))
             with _mesh(run):
-                print(sample_text(*args, prompts=[line], **kw)[0], flush=True)
+                print(sample_text(*args, prompts=[prompt], **line_kw)[0], flush=True)
         except USER_ERRORS as e:
             print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr, flush=True)
+
+
+def _image_request(line: str) -> tuple[str, list[str]]:
+    """(prompt, image paths) from one JSON line of a multimodal session."""
+    try:
+        request = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"a multimodal run reads JSON lines {{\"image\": path, \"prompt\": "
+                         f"text}} on stdin; this line is not JSON ({e.msg}).") from None
+    paths = request.get("images", [request["image"]] if "image" in request else None) \
+        if isinstance(request, dict) else None
+    if not paths or not isinstance(request.get("prompt"), str):
+        raise ValueError("each stdin line of a multimodal run needs \"image\" (or \"images\") and "
+                         "\"prompt\", e.g. {\"image\": \"cat.png\", \"prompt\": \"caption:\"}.")
+    return request["prompt"], list(paths)
+
+
+def _load_images(run: Run, paths):
+    """[[image arrays]] for one prompt, or None (no image given); a text run refuses images."""
+    if paths is None:
+        return None
+    if run.model_cfg.family != "multimodal":
+        raise ValueError(f"--image was given but this run's model.family={run.model_cfg.family!r} "
+                         "reads text only; drop --image or use a multimodal run.")
+    from llmjax.data.images import load_image
+    return [[load_image(p, run.model_cfg.image_size) for p in paths]]
 
 
 def _mesh(run: Run):
@@ -466,6 +589,8 @@ def _define_flags():
     flags.DEFINE_string("workdir", None, "A training run's directory.")
     flags.DEFINE_string("prompt", None, "Text to continue (decoder), to decode from (encoder-"
                         "decoder) or with <mask>s to fill (encoder); without it, read from stdin.")
+    flags.DEFINE_string("image", None, "Multimodal runs: an image file the prompt is about "
+                        "(resized to the model's image_size).")
     flags.DEFINE_bool("benchmark", False, "Print decode speed (batch 1 and 8) instead of text.")
     try:  # the overrides in sys.argv are applied as the flag is defined
         config_flags.DEFINE_config_dict(

@@ -41,6 +41,8 @@ DEFAULT_RULES = (
     ("layers", None),
     ("norm", None),
     ("position", None),
+    ("patch", None),  # a ViT patch's flattened pixels (patch x patch x 3), models/vision.py
+    ("vision_embed", None),  # the ViT width where it is projected into the decoder's d_model
 )
 
 

@@ -23,15 +23,21 @@ from llmjax.models import ModelConfig, build_model, resolve_attention
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 # Encoder-decoders add the decoder side; targets and weights are then decoder-length.
 DECODER_KEYS = ("decoder_inputs", "decoder_segment_ids", "decoder_positions")
+# The multimodal family adds the images of each row: images float32 [B, max_images, H, W, 3] in
+# [-1, 1] and image_segment_ids int32 [B, max_images] (the text segment of each slot, 0: empty).
+IMAGE_KEYS = ("images", "image_segment_ids")
 
 
 def batch_keys(model_cfg: ModelConfig) -> tuple[str, ...]:
-    return BATCH_KEYS + (DECODER_KEYS if model_cfg.family == "encoder_decoder" else ())
+    extra = {"encoder_decoder": DECODER_KEYS, "multimodal": IMAGE_KEYS}
+    return BATCH_KEYS + extra.get(model_cfg.family, ())
 
 
-def batch_shapes(config, model_cfg: ModelConfig | None = None) -> dict[str, tuple[int, int]]:
+def batch_shapes(config, model_cfg: ModelConfig | None = None) -> dict[str, tuple[int, ...]]:
     """Global [batch, length] of every batch key: all seq_len, except an encoder-decoder's decoder
-    side, whose length the objective fixes (T5 span corruption: 114 targets for 512 inputs)."""
+    side, whose length the objective fixes (T5 span corruption: 114 targets for 512 inputs), and
+    the multimodal images ([batch, max_images, size, size, 3]) and their segments ([batch,
+    max_images])."""
     from llmjax.data.objectives import target_length  # pylint: disable=g-import-not-at-top
     model_cfg = model_cfg or ModelConfig.from_config(config.model)
     shapes = {k: (config.batch_size, config.seq_len) for k in batch_keys(model_cfg)}
@@ -41,6 +47,10 @@ def batch_shapes(config, model_cfg: ModelConfig | None = None) -> dict[str, tupl
         else:
             decoder = (config.batch_size, target_length(config.data, config.seq_len))
         shapes.update({k: decoder for k in DECODER_KEYS + ("targets", "weights")})
+    if model_cfg.family == "multimodal":
+        size = model_cfg.image_size
+        shapes.update(images=(config.batch_size, model_cfg.max_images, size, size, 3),
+                      image_segment_ids=(config.batch_size, model_cfg.max_images))
     if model_cfg.num_labels:
         # Sequence classification: one label per row, so one target and one weight (0: an empty
         # padding row); the loss and accuracy are then per example.
@@ -55,6 +65,9 @@ def forward(model, batch: dict, dropout_key=None) -> jax.Array:
                      decoder_tokens=batch["decoder_inputs"],
                      decoder_segment_ids=batch["decoder_segment_ids"],
                      decoder_positions=batch["decoder_positions"])
+    if model.cfg.family == "multimodal":
+        return model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key,
+                     images=batch["images"], image_segment_ids=batch["image_segment_ids"])
     logits = model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key=dropout_key)
     if model.cfg.num_labels:  # [batch, num_labels] -> [batch, 1, num_labels], as targets [batch, 1]
         logits = logits[:, None, :]
@@ -78,16 +91,26 @@ PRETRAINING_HEADS = ("mlm_transform", "mlm_norm", "mlm_bias", "final_logits_bias
 def count_params(model_cfg: ModelConfig) -> dict[str, int]:
     """params: every trained parameter; non_embedding_params: without the tables and an untied
     head; backbone_params: without the pretraining-only heads, as published counts are given.
-    Encoder-decoders add encoder_ and decoder_non_embedding_params (for FLOPs)."""
+    Encoder-decoders add encoder_ and decoder_non_embedding_params (for FLOPs). The multimodal
+    family counts its ViT apart: vision_params (all of it, in params and backbone_params too) and
+    vision_non_embedding_params (without its position table); non_embedding_params is then the
+    text decoder's alone."""
     _, state = abstract_model(model_cfg)
     counts = {"params": 0, "non_embedding_params": 0, "backbone_params": 0}
     if model_cfg.family == "encoder_decoder":
         counts.update(encoder_non_embedding_params=0, decoder_non_embedding_params=0)
+    if model_cfg.family == "multimodal":
+        counts.update(vision_params=0, vision_non_embedding_params=0)
     for path, var in nnx.to_flat_state(state):
         size = int(jnp.size(var))
         counts["params"] += size
         if not any(p in PRETRAINING_HEADS for p in path):
             counts["backbone_params"] += size
+        if path[0] == "vision" and model_cfg.family == "multimodal":
+            counts["vision_params"] += size
+            if not any(p in EMBEDDING_NAMES for p in path):
+                counts["vision_non_embedding_params"] += size
+            continue
         if not any(p in EMBEDDING_NAMES for p in path):
             counts["non_embedding_params"] += size
             if path[0] in ("encoder", "decoder") and model_cfg.family == "encoder_decoder":
@@ -109,12 +132,35 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int, target_len: int | None
             d_model=model_cfg.d_model, encoder_layers=model_cfg.num_layers,
             decoder_layers=model_cfg.decoder_layers, num_heads=model_cfg.num_heads,
             head_dim=model_cfg.head_dim, inputs_length=seq_len, targets_length=target_len or seq_len)
+    if model_cfg.family == "multimodal":
+        return multimodal_flops_per_token(model_cfg, seq_len)
     # A classifier has no output projection over the vocabulary (its head, once per sequence,
     # is in non_embedding_params).
     return fpt(non_embedding_params=count_params(model_cfg)["non_embedding_params"],
                vocab_size=0 if model_cfg.num_labels else model_cfg.vocab_size, d_model=model_cfg.d_model,
                num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
                head_dim=model_cfg.head_dim, seq_len=seq_len)
+
+
+def multimodal_flops_per_token(model_cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs of a multimodal row per TEXT token (the tokens the loop counts in
+    tokens_per_sec), in `metrics.flops_per_token`'s convention: the decoder's 6N and attention over
+    all M*P + L positions it runs (image prefix included), the output head over the L text
+    positions only, and the ViT's 6N and attention over every image slot (M images of P patches,
+    empty slots too: they are computed), all divided by L."""
+    from llmjax.metrics import flops_per_token as fpt
+    counts = count_params(model_cfg)
+    total = model_cfg.image_tokens + seq_len
+    decoder = total * fpt(non_embedding_params=counts["non_embedding_params"], vocab_size=0,
+                          d_model=model_cfg.d_model, num_layers=model_cfg.num_layers,
+                          num_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim, seq_len=total)
+    head = 6 * model_cfg.vocab_size * model_cfg.d_model * seq_len
+    vision = model_cfg.image_tokens * fpt(
+        non_embedding_params=counts["vision_non_embedding_params"], vocab_size=0,
+        d_model=model_cfg.vision_d_model, num_layers=model_cfg.vision_layers,
+        num_heads=model_cfg.vision_heads,
+        head_dim=model_cfg.vision_d_model // model_cfg.vision_heads, seq_len=model_cfg.num_patches)
+    return (decoder + head + vision) // seq_len
 
 
 def update_count(opt_state, step):
@@ -167,7 +213,7 @@ def validate(config, mesh, model_cfg: ModelConfig):
             raise ValueError(f"loss_chunk={config.loss_chunk} does not divide seq_len="
                              f"{config.seq_len}; set --config.loss_chunk to a divisor of it "
                              "(or 0 for the whole sequence).")
-    if model_cfg.family != "decoder":
+    if model_cfg.family not in ("decoder", "multimodal"):
         from llmjax.data.objectives import ENCODER_DECODER_OBJECTIVES
         objective = config.data.get("objective", "causal_lm")
         wanted = ENCODER_DECODER_OBJECTIVES if model_cfg.family == "encoder_decoder" else ("mlm",)
@@ -181,9 +227,11 @@ def validate(config, mesh, model_cfg: ModelConfig):
                 raise ValueError(f"a sequence of {longest} tokens exceeds model.max_len="
                                  f"{model_cfg.max_len} (learned positions); lower seq_len or "
                                  "raise model.max_len.")
-    elif model_cfg.position == "learned" and config.seq_len > model_cfg.max_len:
-        raise ValueError(f"seq_len={config.seq_len} exceeds model.max_len={model_cfg.max_len} "
-                         "(learned positions); lower seq_len or raise model.max_len.")
+    elif model_cfg.position == "learned" and config.seq_len + model_cfg.image_tokens > model_cfg.max_len:
+        images = (f" after {model_cfg.image_tokens} image tokens" if model_cfg.image_tokens else "")
+        raise ValueError(f"seq_len={config.seq_len}{images} exceeds model.max_len="
+                         f"{model_cfg.max_len} (learned positions); lower seq_len or raise "
+                         "model.max_len.")
 
 
 def build(config, mesh) -> Built:
@@ -295,5 +343,6 @@ def build(config, mesh) -> Built:
 
 
 def abstract_batch(config, built: Built) -> dict:
-    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=built.batch_sharding)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "images" else jnp.int32,
+                                    sharding=built.batch_sharding)
             for k, shape in batch_shapes(config, built.model_cfg).items()}

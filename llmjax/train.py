@@ -266,7 +266,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
         # ------------------------------------------------------------------------------------
         # Sample: a short continuation from the trained model.
-        if config.sample.max_new_tokens > 0:
+        # (A multimodal run samples about an image: llmjax.generate --image, not here.)
+        if config.sample.max_new_tokens > 0 and model_cfg.family != "multimodal":
             text = sample_text(built.graphdef, model_cfg, state["params"], tokenizer, config.sample,
                                data_cfg=config.data)[0]
             say("sample:\n" + text)

@@ -109,7 +109,7 @@ def check_eval_tasks(config) -> None:
 
 # data.task -> the model family it trains (data/finetune.py reads its examples).
 TASK_FAMILIES = {"lm": None, "sft": "decoder", "seq2seq": "encoder_decoder",
-                 "classification": "encoder"}
+                 "classification": "encoder", "captions": "multimodal", "vqa": "multimodal"}
 
 
 def _validate_task(config) -> None:
@@ -122,6 +122,11 @@ def _validate_task(config) -> None:
         raise ValueError(f"model.num_labels={num_labels} adds a classification head to an encoder "
                          f"(BERT, RoBERTa), not to model.family={family!r}; set model.num_labels=0.")
     wanted = TASK_FAMILIES[task]
+    if wanted == "multimodal" and family == wanted:  # the batches must have the model's shapes
+        for key in ("image_size", "max_images"):
+            if key in config.model and config.data.get(key) != config.model[key]:
+                raise ValueError(f"data.{key}={config.data.get(key)!r} but model.{key}="
+                                 f"{config.model[key]!r}; set both to the same value.")
     if wanted and family != wanted:
         raise ValueError(f"data.task={task!r} fine-tunes model.family={wanted!r}, not {family!r}; "
                          "use a config of that family or another data.task.")
@@ -204,6 +209,16 @@ IGNORED_UNLESS = (
      "data.name is a TFDS dataset (the local corpora and files hold out "
      "data.validation_fraction or use data.eval_files)",
      lambda c: "set --config.data.name to a prepared TFDS dataset or drop the key"),
+    (("data.image_size", "data.max_images", "data.resize_images"),
+     lambda c: c.data.get("task", "lm") in ("captions", "vqa"), "data.task is 'captions' or 'vqa'",
+     lambda c: "set --config.data.task=captions (or vqa) or drop the key"),
+    (("data.image_dir",), lambda c: c.data.get("task", "lm") in ("captions", "vqa")
+     and bool(c.data.get("files") or c.data.get("eval_files")),
+     "image-text JSONL files are read (data.task captions or vqa with data.files)",
+     lambda c: "set data.files to the JSONL file(s) naming the images, or drop the key"),
+    (("data.shapes_train", "data.shapes_validation", "data.shapes_seed"),
+     lambda c: c.data.get("name", "") == "shapes", "data.name='shapes'",
+     lambda c: "set --config.data.name=shapes or drop the key"),
     (("sample.num_beams",), lambda c: c.model.get("family", "decoder") == "encoder_decoder",
      "model.family='encoder_decoder' (beam search; decoders sample with temperature, top_k, "
      "top_p)", lambda c: "drop the key (or use an encoder-decoder config)"),

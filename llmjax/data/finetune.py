@@ -255,13 +255,18 @@ def pipeline_for(data_cfg) -> tuple[Callable, Callable]:
         return pipeline.make_train_iterator, pipeline.make_eval_batches
     if task in TASK_FIELDS:
         return make_train_iterator, make_eval_batches
-    raise ValueError(f"data.task={task!r} is not one of {('lm', *TASK_FIELDS)}.")
+    from llmjax.data import image_pipeline  # images: captions | vqa
+    if task in image_pipeline.TASKS:
+        return image_pipeline.make_train_iterator, image_pipeline.make_eval_batches
+    raise ValueError(f"data.task={task!r} is not one of {('lm', *TASK_FIELDS, *image_pipeline.TASKS)}.")
 
 
 def tokenizer_data(data_cfg):
     """The data section a new tokenizer is trained from: for a shipped task (`data.name`), the
     corpus it is made from (the standard library), so a run from scratch needs no data.tokenizer."""
-    from llmjax.data import tasks
+    from llmjax.data import image_pipeline, tasks
+    if data_cfg.get("task", "lm") in image_pipeline.TASKS:  # the image examples' texts
+        return image_pipeline.tokenizer_data(data_cfg)
     if data_cfg.get("name", "") not in tasks.TASKS:
         return data_cfg
     source = data_cfg.copy_and_resolve_references()

@@ -7,7 +7,7 @@ from typing import Any
 
 from flax import nnx
 
-FAMILIES = ("decoder", "encoder", "encoder_decoder")
+FAMILIES = ("decoder", "encoder", "encoder_decoder", "multimodal")
 ATTENTIONS = ("auto", "xla", "cudnn", "splash")
 
 
@@ -60,6 +60,16 @@ class ModelConfig:
     num_labels: int = 0  # encoder: > 0 adds a sequence-classification head (and drops the MLM head)
     final_logits_bias: bool = False  # encoder_decoder: BART's bias on the output logits
     scale_decoder_output: bool = False  # encoder_decoder, tied head: x * d_model**-0.5 (T5)
+    # Multimodal family (models/vision.py, models/multimodal.py): a ViT encodes each image into
+    # (image_size / patch_size)**2 tokens that prefix the text (PaliGemma's prefix-LM).
+    image_size: int = 224  # images are image_size x image_size x 3, in [-1, 1]
+    patch_size: int = 16  # ViT patches are patch_size x patch_size pixels (one token each)
+    vision_layers: int = 12  # ViT blocks (pre-LN, scanned like the text stack)
+    vision_d_model: int = 768  # ViT width (projected to d_model for the decoder)
+    vision_heads: int = 12  # ViT attention heads
+    vision_mlp_dim: int = 3072  # ViT MLP hidden width
+    vision_position: str = "learned"  # ViT patch positions: learned | sincos2d (fixed 2-D sin-cos)
+    max_images: int = 1  # image slots per packed row (batch key `images` [B, max_images, H, W, 3])
 
     @classmethod
     def from_config(cls, section: Any) -> "ModelConfig":
@@ -95,7 +105,8 @@ class ModelConfig:
                              ("dtype", ("float32", "bfloat16", "float16")),
                              ("param_dtype", ("float32", "bfloat16")),
                              ("attention", ATTENTIONS),
-                             ("init", ("normal", "t5"))):
+                             ("init", ("normal", "t5")),
+                             ("vision_position", ("learned", "sincos2d"))):
             if getattr(self, key) not in choices:
                 raise ValueError(f"model.{key}={getattr(self, key)!r} is not one of {choices}.")
         if self.attention == "cudnn" and (self.dropout_rate > 0 or self.dtype == "float32"):
@@ -118,6 +129,9 @@ class ModelConfig:
             "post_norm": ("encoder", "encoder_decoder"), "position_offset": ("encoder", "encoder_decoder"),
             "scale_attention": ("encoder", "encoder_decoder"),
             "scale_embeddings": ("encoder", "encoder_decoder"),
+            **{k: ("multimodal",) for k in ("image_size", "patch_size", "vision_layers",
+                                            "vision_d_model", "vision_heads", "vision_mlp_dim",
+                                            "vision_position", "max_images")},
         }
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for key, families in own.items():
@@ -125,9 +139,11 @@ class ModelConfig:
                 raise ValueError(f"model.{key}={getattr(self, key)!r} belongs to the {' and '.join(families)} "
                                  f"famil{'ies' if len(families) > 1 else 'y'}, not model.family={fam!r}; "
                                  f"remove it or set model.family.")
-        if fam == "decoder":
+        if fam == "multimodal":
+            self._validate_multimodal()
+        if fam in ("decoder", "multimodal"):
             if self.position == "relative" or self.activation not in ("gelu", "swiglu"):
-                raise ValueError(f"model.family='decoder' supports position learned|rope and activation "
+                raise ValueError(f"model.family={fam!r} supports position learned|rope and activation "
                                  f"gelu|swiglu (got {self.position!r}, {self.activation!r}); use "
                                  f"family 'encoder' or 'encoder_decoder' for the others.")
             return
@@ -146,6 +162,36 @@ class ModelConfig:
             raise ValueError("model.post_norm=True (BERT, BART) needs model.norm='layernorm'.")
         if self.position == "relative" and self.relative_attention_num_buckets < 2:
             raise ValueError("model.relative_attention_num_buckets must be at least 2.")
+
+    def _validate_multimodal(self):
+        if self.image_size % self.patch_size or self.patch_size < 1:
+            raise ValueError(f"model.image_size={self.image_size} is not a multiple of "
+                             f"model.patch_size={self.patch_size}; ViT patches must tile the image.")
+        if self.vision_d_model % self.vision_heads:
+            raise ValueError(f"model.vision_d_model={self.vision_d_model} is not divisible by "
+                             f"model.vision_heads={self.vision_heads}.")
+        if self.vision_position == "sincos2d" and self.vision_d_model % 4:
+            raise ValueError(f"model.vision_position='sincos2d' needs model.vision_d_model "
+                             f"divisible by 4 (got {self.vision_d_model}).")
+        if min(self.vision_layers, self.max_images) < 1:
+            raise ValueError("model.vision_layers and model.max_images must be at least 1 for "
+                             "model.family='multimodal'.")
+        if self.attention not in ("xla", "auto"):
+            raise ValueError(f"model.family='multimodal' supports model.attention='xla' (or "
+                             f"'auto') only: its prefix-LM mask is not causal ({self.attention!r}).")
+        if self.position == "learned" and self.max_len < self.image_tokens + 1:
+            raise ValueError(f"model.max_len={self.max_len} leaves no room for text after "
+                             f"{self.image_tokens} image tokens (max_images x patches); raise it.")
+
+    @property
+    def num_patches(self) -> int:
+        """ViT tokens per image."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def image_tokens(self) -> int:
+        """Image tokens of a row: every slot's patches (the prefix of the decoder's sequence)."""
+        return self.max_images * self.num_patches if self.family == "multimodal" else 0
 
     @property
     def decoder_layers(self) -> int:
@@ -187,4 +233,7 @@ def build_model(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     if cfg.family == "encoder_decoder":
         from llmjax.models.encoder_decoder import EncoderDecoder
         return EncoderDecoder(cfg, rngs=rngs)
+    if cfg.family == "multimodal":
+        from llmjax.models.multimodal import MultimodalDecoder
+        return MultimodalDecoder(cfg, rngs=rngs)
     raise ValueError(f"model.family={cfg.family!r} is not one of {FAMILIES}.")

@@ -133,7 +133,12 @@ class Decoder(nnx.Module):
         # Splash builds its causal mask from the segment ids inside the kernel.
         mask = (segment_ids if cfg.attention == "splash"
                 else L.attention_mask(segment_ids, segment_ids, causal=True))
+        return self.final_norm(self._blocks(x, mask, positions, None if keys is None else keys[:-1]))
 
+    def _blocks(self, x, mask, positions, keys):
+        """The scanned (and rematerialised) blocks under `mask`; `keys`: one dropout key per layer
+        or None."""
+        cfg = self.cfg
         graphdef, stacked = nnx.split(self.layers)
 
         def block(x, layer):
@@ -143,8 +148,8 @@ class Decoder(nnx.Module):
         policy = REMAT_POLICIES[cfg.remat_policy]
         if cfg.remat_policy != "none":
             block = jax.checkpoint(block, policy=policy, prevent_cse=False)
-        x, _ = jax.lax.scan(block, x, (stacked, None if keys is None else keys[:-1]))
-        return self.final_norm(x)
+        x, _ = jax.lax.scan(block, x, (stacked, keys))
+        return x
 
     def head(self, x):
         """float32 logits [..., vocab] from final hidden states."""
@@ -154,15 +159,19 @@ class Decoder(nnx.Module):
             logits = self.lm_head(x).astype(jnp.float32)
         return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
-    def _decode(self, x, segment_ids, positions, cache):
+    def _decode(self, x, segment_ids, positions, cache, prefix: int = 0):
         """The scanned layers over a KV cache: each layer's slice of the stacked cache goes in as
-        a scan input and its updated slice comes out as a scan output."""
+        a scan input and its updated slice comes out as a scan output. The first `prefix` columns
+        (an image prefix, models/multimodal.py) attend to each other bidirectionally."""
         index, t = cache["index"], x.shape[1]
         # A column holds a real token once written with a non-zero segment id; padding columns
         # (left or right of a prompt) stay invalid, so they are never attended to.
         valid = jax.lax.dynamic_update_slice(cache["valid"], segment_ids != 0, (0, index))
         columns = jnp.arange(valid.shape[1])
-        causal = columns[None, :] <= (index + jnp.arange(t))[:, None]  # [t, cache_len]
+        rows = (index + jnp.arange(t))[:, None]
+        causal = columns[None, :] <= rows  # [t, cache_len]
+        if prefix:
+            causal |= (columns[None, :] < prefix) & (rows < prefix)
         mask = (valid[:, None, :] & causal[None])[:, None, None]
         graphdef, stacked = nnx.split(self.layers)
 

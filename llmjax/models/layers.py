@@ -510,16 +510,18 @@ class Stack(nnx.Module):
     models, the scanned blocks and the final norm of pre-norm models. The token table lives in the
     model, which may share it between stacks.
 
-    `causal` makes self-attention causal (decoders); `cross` adds cross-attention to `context`.
+    `causal` makes self-attention causal (decoders); `cross` adds cross-attention to `context`;
+    `own_positions=False` leaves positions to the caller (the ViT's fixed 2-D sin-cos table).
     """
 
-    def __init__(self, cfg, *, num_layers: int, causal: bool, cross: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, num_layers: int, causal: bool, cross: bool, rngs: nnx.Rngs,
+                 own_positions: bool = True):
         from llmjax.models.decoder import dtype_of
         dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self.cfg, self.num_layers, self.causal = cfg, num_layers, causal
         emb = dict(rngs=rngs, init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype)
         self.pos_embed = (Embed(cfg.max_len + cfg.position_offset, cfg.d_model, ("position", "embed"),
-                                **emb) if cfg.position == "learned" else None)
+                                **emb) if cfg.position == "learned" and own_positions else None)
         self.relpos_bias = (RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs,
                                                  param_dtype=pdtype)
                             if cfg.position == "relative" else None)

@@ -1,0 +1,233 @@
+"""Image-text data: load_image, the synthetic shapes builder, the image pipeline and VQA scoring."""
+
+import json
+
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+from llmjax.data import image_pipeline, shapes, vqa
+from llmjax.data.images import load_image
+from llmjax.data.tokenizer import train_tokenizer
+
+SEQ_LEN, ROWS, MAX_IMAGES = 48, 4, 3
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _cfg(data_dir, **kw):
+    return ml_collections.ConfigDict({**dict(
+        name="shapes", task="captions", data_dir=data_dir, image_size=32, max_images=MAX_IMAGES,
+        resize_images=True, shapes_train=200, shapes_validation=40, shapes_seed=0,
+        split_train="train", split_eval="validation"), **kw})
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data_dir):
+    return train_tokenizer(image_pipeline.tokenizer_texts(_cfg(data_dir), 100_000), 512, None)
+
+
+def _png(path, size=(40, 30), colour=(255, 0, 0)):
+    Image.new("RGB", size, colour).save(path)
+    return str(path)
+
+
+# --- load_image ----------------------------------------------------------------------------------
+
+def test_load_image_resizes_and_normalizes(tmp_path):
+    path = _png(tmp_path / "red.png")
+    x = load_image(path, 16)
+    assert x.shape == (16, 16, 3) and x.dtype == np.float32
+    np.testing.assert_allclose(x[..., 0], 1.0)
+    np.testing.assert_allclose(x[..., 1:], -1.0)
+    Image.new("L", (8, 8), 128).save(tmp_path / "grey.png")  # grey -> RGB, mid value ~0
+    g = load_image(tmp_path / "grey.png", 8, resize=False)
+    assert g.shape == (8, 8, 3) and abs(float(g.mean())) < 0.01
+    noisy = load_image(open(path, "rb").read(), 32)
+    assert -1.0 <= noisy.min() and noisy.max() <= 1.0
+
+
+def test_load_image_errors_are_one_sentence(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for args, words in [((tmp_path / "bad.png", 16), ["bad.png", "decode"]),
+                        ((tmp_path / "missing.png", 16), ["missing.png", "no such file"]),
+                        ((_png(tmp_path / "r.png"), 16, False), ["40x30", "16x16",
+                                                                 "data.resize_images"])]:
+        with pytest.raises(ValueError) as e:
+            load_image(*args)
+        message = str(e.value)
+        assert all(w in message for w in words), message
+        assert message.count(". ") == 0 and message.endswith(".") and "\n" not in message
+
+
+# --- the shapes dataset ----------------------------------------------------------------------------
+
+def test_shapes_are_deterministic_and_match_their_text():
+    a, b = shapes.example(0, "train", 7, 32), shapes.example(0, "train", 7, 32)
+    assert a == b
+    assert shapes.example(1, "train", 7, 32) != a
+    for i in range(60):
+        e = shapes.example(0, "train", i, 32)
+        objects = json.loads(e["objects"])
+        pixels = np.asarray(Image.open(__import__("io").BytesIO(e["image"])).convert("RGB"))
+        for name, rgb in shapes.COLOURS.items():
+            drawn = int(np.all(pixels == rgb, axis=-1).sum())
+            assert (drawn > 0) == any(o["colour"] == name for o in objects), (i, name)
+        assert [o["x"] for o in objects] == sorted(o["x"] for o in objects)
+        for o in objects:  # every shape's colour is at its centre
+            assert tuple(pixels[o["y"], o["x"]]) == shapes.COLOURS[o["colour"]]
+        for o in objects:
+            assert o["colour"] in e["text"] and o["shape"] in e["text"]
+        assert e["answer"] in shapes.answer_space(e["kind"])
+        if e["kind"] == "count":
+            shape = e["question"].split()[2][:-1]
+            assert e["answer"] == shapes.NUMBERS[sum(o["shape"] == shape for o in objects)]
+        if e["kind"] == "colour":
+            shape = e["question"].split()[-1][:-1]
+            assert [o["colour"] for o in objects if o["shape"] == shape] == [e["answer"]]
+
+
+def test_shapes_builder_splits(data_dir):
+    cfg = _cfg(data_dir)
+    train, val, test = (shapes.load_split(cfg, s) for s in shapes.SPLITS)
+    assert (len(train), len(val), len(test)) == (200, 40, 40)
+    # What is stored is what the generator drew (TFDS may re-encode the PNG, never the pixels).
+    np.testing.assert_array_equal(load_image(train[5]["image"], 32),
+                                  load_image(shapes.example(0, "train", 5, 32)["image"], 32))
+    layouts = {s: {r["objects"] for r in src} for s, src in
+               (("train", train), ("validation", val), ("test", test))}
+    assert not layouts["train"] & layouts["validation"] and not layouts["train"] & layouts["test"]
+    assert layouts["validation"] != layouts["test"]
+
+
+# --- the pipeline ------------------------------------------------------------------------------------
+
+def _check_batch(b, image_size=32):
+    L = SEQ_LEN
+    for k in ("inputs", "targets", "segment_ids", "positions", "weights"):
+        assert b[k].shape == (ROWS, L) and b[k].dtype == np.int32, k
+    assert b["images"].shape == (ROWS, MAX_IMAGES, image_size, image_size, 3)
+    assert b["images"].dtype == np.float32
+    assert b["image_segment_ids"].shape == (ROWS, MAX_IMAGES)
+    assert b["image_segment_ids"].dtype == np.int32
+    assert b["images"].min() >= -1 and b["images"].max() <= 1
+    for r in range(ROWS):
+        seg, img = b["segment_ids"][r], b["image_segment_ids"][r]
+        assert set(img[img > 0]) <= set(seg[seg > 0])  # every image belongs to a text segment
+        assert not b["images"][r][img == 0].any()  # empty slots are zero
+        assert not b["weights"][r][seg == 0].any()
+        for s in set(seg[seg > 0]):
+            assert list(b["positions"][r][seg == s]) == list(range(int((seg == s).sum())))
+
+
+def test_caption_batches_and_exact_resume(data_dir, tokenizer):
+    cfg = _cfg(data_dir)
+    make = lambda: image_pipeline.make_train_iterator(cfg, tokenizer, seq_len=SEQ_LEN,
+                                                       batch_size=ROWS, seed=3, process_index=0,
+                                                       process_count=1)
+    it = make()
+    for _ in range(3):
+        _check_batch(b := next(it))
+        assert ((b["weights"] == 1) == (b["segment_ids"] > 0)).all()  # captions: all scored
+    # Shapes draws one image per example: each text segment has exactly one image.
+    seg = b["segment_ids"][0]
+    assert sorted(b["image_segment_ids"][0][b["image_segment_ids"][0] > 0]) == sorted(set(seg[seg > 0]))
+    state = json.loads(json.dumps(it.get_state()))  # as the checkpoint stores it
+    expected = [next(it) for _ in range(4)]
+    restored = make()
+    restored.set_state(state)
+    for want, got in zip(expected, (next(restored) for _ in range(4))):
+        for k in want:
+            np.testing.assert_array_equal(want[k], got[k], err_msg=k)
+
+
+def test_vqa_weights_cover_only_the_answer(data_dir, tokenizer):
+    cfg = _cfg(data_dir, task="vqa")
+    b = next(image_pipeline.make_train_iterator(cfg, tokenizer, seq_len=SEQ_LEN, batch_size=ROWS,
+                                                seed=0, process_index=0, process_count=1))
+    _check_batch(b)
+    answers = set(sum((shapes.answer_space(k) for k in shapes.KINDS), ()))
+    for r in range(ROWS):
+        seg = b["segment_ids"][r]
+        for s in set(seg[seg > 0]):
+            scored = b["targets"][r][(seg == s) & (b["weights"][r] == 1)]
+            assert scored[-1] == tokenizer.eos_id
+            assert tokenizer.decode([int(t) for t in scored[:-1]]).strip() in answers
+            assert b["weights"][r][seg == s][0] == 0  # the question is not scored
+
+
+def test_eval_batches_repeat(data_dir, tokenizer):
+    kw = dict(seq_len=SEQ_LEN, batch_size=ROWS, num_batches=2, process_index=0, process_count=1)
+    a = image_pipeline.make_eval_batches(_cfg(data_dir), tokenizer, **kw)
+    b = image_pipeline.make_eval_batches(_cfg(data_dir), tokenizer, **kw)
+    assert len(a) == 2
+    for x, y in zip(a, b):
+        _check_batch(x)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_image_folder_jsonl(tmp_path, tokenizer):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _png(folder / "a.png", (50, 40), (255, 0, 0))
+    _png(folder / "b.png", (32, 32), (0, 0, 255))
+    lines = [{"image": "imgs/a.png", "text": "a red square."},
+             {"images": ["imgs/a.png", "imgs/b.png"], "text": "a red square and a blue one."},
+             {"image": "imgs/b.png", "question": "what colour is it?", "answer": "blue"}]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+    cfg = ml_collections.ConfigDict(dict(name="", task="captions", image_size=32,
+                                         max_images=MAX_IMAGES, resize_images=True,
+                                         files=str(tmp_path / "train.jsonl"), eval_files="",
+                                         image_dir=""))
+    examples = image_pipeline.read_image_jsonl(cfg.files)
+    assert [len(e["images"]) for e in examples] == [1, 2, 1]
+    cfg.files = str(tmp_path / "captions.jsonl")
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(l) for l in lines[:2]) + "\n")
+    b = next(image_pipeline.make_train_iterator(cfg, tokenizer, seq_len=SEQ_LEN, batch_size=ROWS,
+                                                seed=0, process_index=0, process_count=1))
+    _check_batch(b)
+    two = [r for r in range(ROWS) if np.count_nonzero(b["image_segment_ids"][r]) >= 2]
+    assert two  # the two-image example's images share one segment (or rows pack two examples)
+    red = b["images"][b["image_segment_ids"] > 0]
+    assert red.shape[1:] == (32, 32, 3)
+    cfg.task, cfg.files = "vqa", str(tmp_path / "train.jsonl")
+    with pytest.raises(ValueError, match="question"):
+        next(image_pipeline.make_train_iterator(cfg, tokenizer, seq_len=SEQ_LEN, batch_size=ROWS,
+                                                seed=0, process_index=0, process_count=1))
+
+
+def test_vqa_chance_levels_and_accuracy(data_dir):
+    examples = list(vqa.vqa_examples(_cfg(data_dir), "test"))
+    assert len(examples) == 40 and examples[0]["image"].shape == (32, 32, 3)
+    levels = vqa.chance_levels(examples)
+    assert levels["count"]["chance"] == 1 / 5 and levels["colour"]["chance"] == 1 / 5
+    assert sum(v["count"] for v in levels.values()) == 40
+    perfect = vqa.vqa_accuracy([e["answer"].title() + "." for e in examples], examples)
+    assert perfect["all"]["accuracy"] == 1.0
+    blind = vqa.vqa_accuracy(["no"] * len(examples), examples)
+    assert blind["all"]["accuracy"] < 0.5
+
+
+def test_trainer_hooks(data_dir):
+    """train.py's data calls (finetune.pipeline_for, tokenizer_data) reach the image pipeline, and
+    the image settings are refused where nothing reads them."""
+    from llmjax import validate
+    from llmjax.config import base_config
+    from llmjax.data import finetune
+    cfg = _cfg(data_dir)
+    assert finetune.pipeline_for(cfg) == (image_pipeline.make_train_iterator,
+                                          image_pipeline.make_eval_batches)
+    text = finetune.tokenizer_data(cfg)
+    assert text.name == "text" and text.task == "lm"
+    assert "red" in open(sorted(__import__("glob").glob(text.files))[0]).read()
+    config = base_config()
+    config.data.max_images = 2
+    with pytest.raises(ValueError, match="data.max_images=2 only applies"):
+        validate.check_ignored_keys(config)
+    config.data.task, config.data.name = "vqa", "shapes"
+    validate.check_ignored_keys(config)
