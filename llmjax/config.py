@@ -109,10 +109,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.head_dim = 0
 
     c.data = ml_collections.ConfigDict(dict(
-        name="stdlib",  # stdlib | text | a TFDS catalog name prepared as array_record
+        # stdlib | text | prepared (token shards of `python -m llmjax.data.prepare` in data_dir) |
+        # a TFDS catalog name prepared as array_record
+        name="stdlib",
         files="",  # glob(s) of text files, for name='text' (fine-tuning: the training JSONL file(s))
-        data_dir="",  # where built/prepared TFDS datasets live ('' = ~/.cache/llmjax/tfds)
-        text_key="text",  # the text feature of a TFDS dataset (classification: the JSON key)
+        # where built/prepared TFDS datasets live ('' = ~/.cache/llmjax/tfds); for
+        # name='prepared', the --out directory of `python -m llmjax.data.prepare`
+        data_dir="",
+        # the text feature of a TFDS dataset, or the field / column of JSONL, Parquet and Arrow
+        # data.files (classification: the JSON key)
+        text_key="text",
         split_train="train",  # the TFDS split trained on
         split_eval="validation",  # the TFDS split evaluated on
         validation_fraction=0.02,  # name='text': share of the documents held out for validation

@@ -175,6 +175,9 @@ IGNORED_UNLESS = (
      "data.name is a TFDS dataset (the local corpora and files hold out "
      "data.validation_fraction or use data.eval_files)",
      lambda c: "set --config.data.name to a prepared TFDS dataset or drop the key"),
+    (("data.validation_fraction",), lambda c: c.data.get("name", "stdlib") != "prepared",
+     "the corpus is split at run time (a prepared one was split when `llmjax.data.prepare` ran)",
+     lambda c: "pass it to `python -m llmjax.data.prepare` instead, or drop the key"),
     (("sample.num_beams",), lambda c: c.model.get("family", "decoder") == "encoder_decoder",
      "model.family='encoder_decoder' (beam search; decoders sample with temperature, top_k, "
      "top_p)", lambda c: "drop the key (or use an encoder-decoder config)"),

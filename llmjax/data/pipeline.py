@@ -142,9 +142,11 @@ def load_split(data_cfg, split: str, tokenizer: Tokenizer):
     return corpus.load_split(data_cfg, split)
 
 
-def _encode(tokenizer: Tokenizer, doc: str | np.ndarray) -> list[int] | np.ndarray:
-    """A document's token ids: a prepared document already is them."""
-    return doc if isinstance(doc, np.ndarray) else tokenizer.encode(doc)
+def _with_ends(tokenizer: Tokenizer, doc: str | np.ndarray, *, bos: bool) -> np.ndarray:
+    """int32 `[bos] + ids + [eos]` (bos optional) of a text, or of a prepared document's ids."""
+    ids = doc if isinstance(doc, np.ndarray) else np.asarray(tokenizer.encode(doc), np.int32)
+    head = [tokenizer.bos_id] if bos else []
+    return np.concatenate([np.asarray(head, np.int32), ids, [tokenizer.eos_id]]).astype(np.int32)
 
 
 class _TokenizeDocument(grain.transforms.Map):
@@ -155,7 +157,7 @@ class _TokenizeDocument(grain.transforms.Map):
 
     def map(self, text: str | np.ndarray) -> dict[str, np.ndarray]:
         tok = self._tokenizer
-        ids = np.asarray([tok.bos_id, *_encode(tok, text), tok.eos_id], dtype=np.int32)
+        ids = _with_ends(tok, text, bos=True)
         return {"inputs": ids[:-1], "targets": ids[1:]}
 
 
@@ -198,8 +200,7 @@ class _TokenizeText(grain.transforms.Map):
 
     def map(self, text: str | np.ndarray) -> dict[str, np.ndarray]:
         tok = self._tokenizer
-        ids = [tok.bos_id] * self._bos + [*_encode(tok, text), tok.eos_id]
-        return {"tokens": np.asarray(ids, dtype=np.int32)}
+        return {"tokens": _with_ends(tok, text, bos=self._bos)}
 
 
 def _objective_batches(docs: grain.MapDataset, data_cfg, tokenizer: Tokenizer, seq_len: int,
