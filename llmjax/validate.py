@@ -67,6 +67,9 @@ def validate_config(config, workdir: str | None = None) -> None:
         raise ValueError(f"fault_nonfinite_steps={steps!r} must list step numbers >= 1 (steps "
                          "count from 1), e.g. --config.fault_nonfinite_steps='(5,)'.")
     _validate_task(config)
+    if "hygiene" in config.data:  # an unknown or invalid data.hygiene setting: one sentence
+        from llmjax.data import hygiene  # pylint: disable=g-import-not-at-top
+        hygiene.HygieneConfig.from_config(config.data.hygiene)
     check_ignored_keys(config)
     paths.check_reachable(config.data.tokenizer, "data.tokenizer")
     if config.data.tokenizer and not paths.path(config.data.tokenizer).exists():

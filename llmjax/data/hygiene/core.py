@@ -76,6 +76,14 @@ class HygieneConfig:
         for key, low in (("num_perm", 16), ("shingle", 1), ("processes", 1), ("min_words", 0)):
             if getattr(out, key) < low:
                 raise ValueError(f"data.hygiene.{key}={getattr(out, key)!r} must be at least {low}.")
+        if out.dedup_near and out.enabled:
+            from datasketch import MinHashLSH  # pylint: disable=g-import-not-at-top
+            try:  # LSH needs at least two bands for this threshold and num_perm
+                MinHashLSH(threshold=out.near_threshold, num_perm=out.num_perm)
+            except ValueError as e:
+                raise ValueError(f"data.hygiene.near_threshold={out.near_threshold} with num_perm="
+                                 f"{out.num_perm} leaves MinHash LSH no usable banding ({e}); "
+                                 "lower the threshold or raise num_perm.") from None
         if len(out.max_top_ngram_fraction) != 3:
             raise ValueError(f"data.hygiene.max_top_ngram_fraction={out.max_top_ngram_fraction!r} "
                              "must hold three fractions (for word 2-, 3- and 4-grams).")
@@ -148,13 +156,14 @@ def process_document(text: str, cfg: HygieneConfig) -> DocResult:
     return DocResult(text, counts, examples, flags, key, minhash)
 
 
-def clean(docs: Iterable[tuple[str, str, str]], cfg: HygieneConfig,
-          processes: int = 1) -> tuple[list[tuple[str, str, str]], Report]:
+def clean(docs: Iterable[tuple[str, str, str]], cfg: HygieneConfig, processes: int = 1,
+          progress=None) -> tuple[list[tuple[str, str, str]], Report]:
     """(doc_id, split, text) -> the kept (doc_id, split, scrubbed text) and the report.
 
     Documents of held-out splits (any but "train") are processed first; the kept ones come back
     in that order. `processes` > 1 runs pass 1 in that many worker processes (spawned, so it is
     safe in a process that already runs JAX threads); the result does not depend on it.
+    `progress` (a tqdm bar, optional) is advanced once per document.
     """
     docs = sorted(docs, key=lambda d: d[1] == TRAIN_SPLIT)  # stable: held-out splits first
     report = Report(cfg.to_dict())
@@ -173,6 +182,8 @@ def clean(docs: Iterable[tuple[str, str, str]], cfg: HygieneConfig,
                        duplicate_of=deduper.last_match if removed != QUALITY_RULE else None)
             if removed is None:
                 kept.append((doc_id, split, result.text))
+            if progress is not None:
+                progress.update()
     return kept, report
 
 
