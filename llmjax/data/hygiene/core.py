@@ -10,6 +10,7 @@ leak), never the validation document.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import difflib
 import functools
@@ -188,7 +189,12 @@ def clean(docs: Iterable[tuple[str, str, str]], cfg: HygieneConfig, processes: i
 
 
 class _map:
-    """`map(fn, items)` in this process, or ordered over a spawned pool of `processes`."""
+    """`map(fn, items)` in this process, or in order over `processes` spawned worker processes.
+
+    A process pool from concurrent.futures, not multiprocessing.Pool: a worker that dies (e.g. a
+    script without an `if __name__ == "__main__":` guard re-running itself under spawn) breaks the
+    pool with an error instead of being restarted forever.
+    """
 
     def __init__(self, fn, items, processes: int, total: int):
         self._fn, self._items = fn, items
@@ -199,10 +205,10 @@ class _map:
     def __enter__(self):
         if self._processes == 1:
             return map(self._fn, self._items)
-        self._pool = multiprocessing.get_context("spawn").Pool(self._processes)
-        return self._pool.imap(self._fn, self._items, chunksize=self._chunk)
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            self._processes, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool.map(self._fn, self._items, chunksize=self._chunk)
 
     def __exit__(self, *exc):
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)
