@@ -286,3 +286,20 @@ def test_stdlib_corpus_build_ran_hygiene():
     assert report["pii"].get("EMAIL", 0) > 50  # authors' addresses in module headers
     builder = corpus.prepare(data)
     assert builder.info.splits["train"].num_examples == report["splits"]["train"]["documents_out"]
+
+
+def test_documents_without_words_are_never_duplicates():
+    docs = [("v/__init__.py", "validation", ""), ("t/__init__.py", "train", "\n"),
+            ("t/x.py", "train", "# -*- !!! -*-")]
+    kept, report = hygiene.clean(docs, CFG)
+    assert len(kept) == 3 and report.removed == {}
+
+
+def test_top_ngram_ties_go_to_the_longest():
+    """Two bigrams tie as most frequent; the longer one decides, whatever the (per-process
+    salted) hash order, so workers and the serial pass flag alike."""
+    text = "ab cd " * 10 + "abcdefgh ijklmnop " * 10 + _prose(2, 100)
+    total = sum(len(w) for w in text.lower().split())
+    share = 10 * len("abcdefghijklmnop") / total
+    assert "top_2gram" in _flags(text, max_top_ngram_fraction=(share * 0.9, 1.0, 1.0))
+    assert "top_2gram" not in _flags(text, max_top_ngram_fraction=(share * 1.1, 1.0, 1.0))

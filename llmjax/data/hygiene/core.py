@@ -27,6 +27,9 @@ from llmjax.data.hygiene.report import Report
 QUALITY_MODES = ("report", "drop", "off")
 QUALITY_RULE = "low_quality"  # the removal rule of quality_filter="drop"
 TRAIN_SPLIT = "train"
+# Bumped whenever the same settings start giving different output; part of `cache_key`, so a
+# corpus built by an older version is rebuilt.
+VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +97,8 @@ class HygieneConfig:
         """The settings that change the output (not `processes`): part of a corpus's cache key."""
         if not self.enabled:
             return ("off",)
-        return tuple((k, v) for k, v in sorted(dataclasses.asdict(self).items())
-                     if k != "processes")
+        return (("version", VERSION),) + tuple(
+            (k, v) for k, v in sorted(dataclasses.asdict(self).items()) if k != "processes")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -138,7 +141,7 @@ class DocResult:
     pii: dict[str, int]  # PII type -> placeholders written
     pii_examples: list[str]  # "TYPE: context around the placeholder" (the value is masked)
     quality_flags: tuple[str, ...]
-    exact_key: bytes  # sha256 of the normalised text (b"" without exact dedup)
+    exact_key: bytes  # sha256 of the normalised text (b"": no exact dedup, or no words)
     minhash: np.ndarray | None  # uint64[num_perm] (None without near dedup, or with no words)
 
 

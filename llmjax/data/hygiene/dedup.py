@@ -48,8 +48,9 @@ def normalise(text: str) -> str:
 
 
 def exact_key(normalised: str) -> bytes:
-    """sha256 of a `normalise`d text."""
-    return hashlib.sha256(normalised.encode("utf-8")).digest()
+    """sha256 of a `normalise`d text; b"" (never a duplicate) for a text with no words, such as
+    an empty `__init__.py`: such documents train nothing, and calling them leaks would mislead."""
+    return hashlib.sha256(normalised.encode("utf-8")).digest() if normalised else b""
 
 
 def signature(normalised: str, num_perm: int, shingle: int) -> np.ndarray | None:
@@ -111,7 +112,7 @@ class Deduplicator:
     def add(self, doc_id: str, result, split: str) -> str | None:
         """None to keep `result` (a DocResult), else the rule (one of RULES) that removes it."""
         self.last_match = None
-        if self._cfg.dedup_exact:
+        if self._cfg.dedup_exact and result.exact_key:
             seen = self._exact.get(result.exact_key)
             if seen is not None:
                 self.last_match = seen[0]
@@ -125,8 +126,8 @@ class Deduplicator:
             if match is not None:
                 self.last_match = match
                 return "validation_leak_near" if self._kept[match][1] != split else "near_duplicate"
-        if self._cfg.dedup_exact:
-            self._exact[result.exact_key] = (doc_id, split)
+        if self._cfg.dedup_exact and result.exact_key:
+            self._exact.setdefault(result.exact_key, (doc_id, split))
         if lean is not None:
             if doc_id in self._signatures:
                 raise ValueError(f"Document id {doc_id!r} was offered twice; ids must be unique.")

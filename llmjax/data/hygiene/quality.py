@@ -84,12 +84,15 @@ def _top_ngrams(words: list[str], limits: tuple[float, ...]) -> set[str]:
         count = len(ids) - n + 1
         if count < 2 or total == 0:
             continue
+        window = sum(lengths[i:i + count] for i in range(n))  # characters of each n-gram
         keys = ids[:count].copy()
         for i in range(1, n):
             keys = keys * _MULTIPLIER + ids[i:i + count]
         _, first, counts = np.unique(keys, return_index=True, return_counts=True)
-        top = int(np.argmax(counts))
-        chars = int(lengths[first[top]:first[top] + n].sum())
-        if counts[top] > 1 and counts[top] * chars / total > limit:
+        top = counts.max()
+        # Ties for the most frequent n-gram go to the longest (their order in `keys` follows the
+        # per-process salted hashes, so any other pick could differ between processes).
+        chars = int(window[first[counts == top]].max())
+        if top > 1 and top * chars / total > limit:
             raised.add(f"top_{n}gram")
     return raised
