@@ -120,8 +120,8 @@ def prepare(data_cfg) -> LlmjaxText:
     else:
         raise ValueError(f"prepare() builds the local corpora {LOCAL_CORPORA}, not {name!r}.")
     hygiene = hygiene_lib.HygieneConfig.from_config(data_cfg.get("hygiene", None))
-    config_name = (f"{prefix}-"
-                   f"{documents_lib.fingerprint(docs, fraction, _FORMAT_VERSION, hygiene.cache_key())}")
+    digest = documents_lib.fingerprint(docs, fraction, _FORMAT_VERSION, hygiene.cache_key())
+    config_name = f"{prefix}-{digest}"
     data_dir = resolve_data_dir(data_cfg)
 
     def make_builder():

@@ -66,24 +66,26 @@ class HygieneConfig:
             if key not in fields:
                 close = difflib.get_close_matches(key, list(fields), n=1)
                 hint = f"; did you mean {close[0]!r}" if close else ""
-                raise ValueError(f"data.hygiene.{key} is not a hygiene setting{hint} (the settings: "
-                                 f"{', '.join(fields)}).")
+                raise ValueError(f"data.hygiene.{key} is not a hygiene setting{hint} (the "
+                                 f"settings: {', '.join(fields)}).")
         for key, value in values.items():
             values[key] = _check(key, value, fields[key].default)
         out = cls(**values)
         if out.quality_filter not in QUALITY_MODES:
             raise ValueError(f"data.hygiene.quality_filter={out.quality_filter!r} is not one of "
-                             f"{QUALITY_MODES}: 'report' flags and keeps, 'drop' removes, 'off' skips.")
+                             f"{QUALITY_MODES}: 'report' flags and keeps, 'drop' removes, 'off' "
+                             "skips.")
         if not 0 < out.near_threshold <= 1:
-            raise ValueError(f"data.hygiene.near_threshold={out.near_threshold!r} must be in (0, 1] "
-                             "(the Jaccard similarity above which two documents are near duplicates).")
+            raise ValueError(f"data.hygiene.near_threshold={out.near_threshold!r} must be in "
+                             "(0, 1] (the Jaccard similarity above which two documents are near "
+                             "duplicates).")
         for key, low in (("num_perm", 16), ("shingle", 1), ("processes", 1), ("min_words", 0)):
             if getattr(out, key) < low:
-                raise ValueError(f"data.hygiene.{key}={getattr(out, key)!r} must be at least {low}.")
+                raise ValueError(f"data.hygiene.{key}={getattr(out, key)!r} must be at least "
+                                 f"{low}.")
         if out.dedup_near and out.enabled:
-            from datasketch import MinHashLSH  # pylint: disable=g-import-not-at-top
             try:  # LSH needs at least two bands for this threshold and num_perm
-                MinHashLSH(threshold=out.near_threshold, num_perm=out.num_perm)
+                dedup.datasketch().MinHashLSH(threshold=out.near_threshold, num_perm=out.num_perm)
             except ValueError as e:
                 raise ValueError(f"data.hygiene.near_threshold={out.near_threshold} with num_perm="
                                  f"{out.num_perm} leaves MinHash LSH no usable banding ({e}); "

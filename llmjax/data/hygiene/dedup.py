@@ -42,7 +42,7 @@ class Settings(Protocol):
 
 
 def normalise(text: str) -> str:
-    """NFKC, lower case, punctuation runs dropped, whitespace collapsed: what exact dedup compares."""
+    """NFKC, lower case, punctuation runs dropped, whitespace collapsed: what dedup compares."""
     text = unicodedata.normalize("NFKC", text).lower()
     return " ".join(_PUNCT_RUN.sub(" ", text).split())
 
@@ -62,7 +62,7 @@ def signature(normalised: str, num_perm: int, shingle: int) -> np.ndarray | None
     each joined n-gram, without a Python-level hash per n-gram. datasketch then applies its
     permutations to these 64-bit values (an identity `hashfunc`).
     """
-    from datasketch import MinHash  # pylint: disable=g-import-not-at-top
+    MinHash = datasketch().MinHash
 
     words = normalised.split()
     if not words:
@@ -86,6 +86,18 @@ def signature(normalised: str, num_perm: int, shingle: int) -> np.ndarray | None
     return np.asarray(m.hashvalues, dtype=np.uint64)
 
 
+def datasketch():
+    """The datasketch module (imported on first use: it brings scipy), or one ImportError saying
+    how to get it or do without."""
+    try:
+        import datasketch as ds  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+        raise ImportError("Near-duplicate removal (data.hygiene.dedup_near) needs datasketch: "
+                          "pip install datasketch==2.0.0, or set "
+                          "--config.data.hygiene.dedup_near=False.") from e
+    return ds
+
+
 def _word_hash(word: str) -> int:
     return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
 
@@ -105,9 +117,7 @@ class Deduplicator:
         self._kept: dict[str, tuple[int, str]] = {}  # doc_id -> (order, split) of kept documents
         self.last_match: str | None = None  # the kept document the last removed one duplicated
         if cfg.dedup_near:
-            from datasketch import MinHashLSH  # pylint: disable=g-import-not-at-top
-
-            self._lsh = MinHashLSH(threshold=cfg.near_threshold, num_perm=cfg.num_perm)
+            self._lsh = datasketch().MinHashLSH(threshold=cfg.near_threshold, num_perm=cfg.num_perm)
 
     def add(self, doc_id: str, result, split: str) -> str | None:
         """None to keep `result` (a DocResult), else the rule (one of RULES) that removes it."""
@@ -119,9 +129,7 @@ class Deduplicator:
                 return "validation_leak_exact" if seen[1] != split else "exact_duplicate"
         lean = None
         if self._lsh is not None and result.minhash is not None:
-            from datasketch import LeanMinHash  # pylint: disable=g-import-not-at-top
-
-            lean = LeanMinHash(seed=_SEED, hashvalues=result.minhash, scheme=_SCHEME)
+            lean = datasketch().LeanMinHash(seed=_SEED, hashvalues=result.minhash, scheme=_SCHEME)
             match = self._near_match(lean)
             if match is not None:
                 self.last_match = match

@@ -46,19 +46,23 @@ _TOKENS = re.compile(
 # of 8+ characters counts; an unquoted one must be 12+ characters mixing letters and digits and not
 # a call, so that `token = self.next_token()` and `password = getpass()` stay.
 _ASSIGNED = re.compile(
-    r"(?i)(?=[acgpst])\b((?:api[_-]?key|apikey|api[_-]?secret|secret[_-]?key|access[_-]?key|client[_-]?secret"
-    r"|access[_-]?token|auth[_-]?token|token|secret|password|passwd|pwd)[\"']?\s*(?<![=!<>])[:=](?!=)\s*)"
+    r"(?i)(?=[acgpst])\b((?:api[_-]?key|apikey|api[_-]?secret|secret[_-]?key|access[_-]?key"
+    r"|client[_-]?secret|access[_-]?token|auth[_-]?token|token|secret|password|passwd|pwd)"
+    r"[\"']?\s*(?<![=!<>])[:=](?!=)\s*)"
     r"(?:([\"'])([^\s\"']{8,})\2|([A-Za-z0-9_/+.=-]{12,})(?![\w(]))")
-_EMAIL = re.compile(r"(?=[\w.%+-])(?<![\w.+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,24}\b(?![.@]\w)")
+_EMAIL = re.compile(r"(?=[\w.%+-])(?<![\w.+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+"
+                    r"[A-Za-z]{2,24}\b(?![.@]\w)")
 # 13-19 digits, optionally in groups separated by one space or hyphen; Luhn and an issuer prefix
 # decide (see `_is_card`).
 _CARD = re.compile(r"(?=\d)(?<![\w.+-])\d(?:[ -]?\d){12,18}(?![\w-]|\.\d)")
 # US Social Security numbers ddd-dd-dddd (area 000, 666 and 900-999, group 00 and serial 0000
 # are never issued); UK National Insurance numbers (two prefix letters from the allowed set, six
 # digits, a suffix A-D; the prefixes BG, GB, KN, NK, NT, TN, ZZ are never issued).
-_SSN = re.compile(r"(?=\d)(?<![\w.-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-]|\.\d)")
+_SSN = re.compile(
+    r"(?=\d)(?<![\w.-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-]|\.\d)")
 _NINO = re.compile(
-    r"(?=[A-Z])\b(?!BG|GB|KN|NK|NT|TN|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b")
+    r"(?=[A-Z])\b(?!BG|GB|KN|NK|NT|TN|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]"
+    r" ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b")
 # Phones need separators: NANP (555) 123-4567 / 555-123-4567 / +1 555 123 4567, or international
 # with a leading + and 8-15 digits. Dates (4-2-2), versions and bare numbers do not fit.
 _PHONE = re.compile(
@@ -67,10 +71,11 @@ _PHONE = re.compile(
     r"|\+[1-9]\d{0,2}(?:[ -]?\(?\d{1,4}\)?){2,5}"
     r")(?![\w-]|\.\d)")
 _IPV4 = re.compile(
-    r"(?=\d)(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+    r"(?=\d)(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
+    r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
     r"(?![\w]|\.\d)")
-_IPV6 = re.compile(r"(?=[0-9A-Fa-f:])(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?"
-                   r"(?![\w:])")
+_IPV6 = re.compile(r"(?=[0-9A-Fa-f:])(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}"
+                   r"(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])")
 # Dotted quads that are versions or section numbers: "v1.2.3.4", `__version__ = "0.5.1.2"`,
 # 'section 8.1.2.2', '#section-7.1.1.1'.
 _VERSION_BEFORE = re.compile(r"(?i)(?:\bv|version_*|sections?|release|§)\W{0,4}$")

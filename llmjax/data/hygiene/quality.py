@@ -61,7 +61,8 @@ def flags(text: str, t: Thresholds) -> tuple[str, ...]:
     if lines:
         if sum(line.startswith(_BULLETS) for line in lines) / len(lines) > t.max_bullet_lines_ratio:
             raised.add("bullet_lines")
-        if sum(line.endswith(_ELLIPSES) for line in lines) / len(lines) > t.max_ellipsis_lines_ratio:
+        ellipsis = sum(line.endswith(_ELLIPSES) for line in lines) / len(lines)
+        if ellipsis > t.max_ellipsis_lines_ratio:
             raised.add("ellipsis_lines")
         if 1 - len(set(lines)) / len(lines) > t.max_dup_line_fraction:
             raised.add("duplicate_lines")

@@ -113,7 +113,8 @@ class Report:
         mode = self.config.get("quality_filter", "report")
         if mode != "off":
             verb = "dropped" if mode == "drop" else "flagged, kept"
-            lines.append(f"hygiene: quality ({verb}): " + (_counts(d["quality_flags"]) or "no flags"))
+            lines.append(f"hygiene: quality ({verb}): "
+                         + (_counts(d["quality_flags"]) or "no flags"))
         return lines
 
     def write(self, path) -> None:
