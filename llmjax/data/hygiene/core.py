@@ -182,7 +182,7 @@ def clean(docs: Iterable[tuple[str, str, str]], cfg: HygieneConfig, processes: i
             removed = None
             if cfg.quality_filter == "drop" and result.quality_flags:
                 removed = QUALITY_RULE
-            elif cfg.enabled:
+            else:
                 removed = deduper.add(doc_id, result, split)
             report.add(doc_id, split, result, removed,
                        duplicate_of=deduper.last_match if removed != QUALITY_RULE else None)

@@ -34,6 +34,7 @@ _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd: n-gram hashes are a polynomi
 
 
 class Settings(Protocol):
+    enabled: bool
     dedup_exact: bool
     dedup_near: bool
     near_threshold: float
@@ -116,12 +117,14 @@ class Deduplicator:
         self._signatures: dict[str, object] = {}  # doc_id -> LeanMinHash of kept documents
         self._kept: dict[str, tuple[int, str]] = {}  # doc_id -> (order, split) of kept documents
         self.last_match: str | None = None  # the kept document the last removed one duplicated
-        if cfg.dedup_near:
+        if cfg.dedup_near and cfg.enabled:
             self._lsh = datasketch().MinHashLSH(threshold=cfg.near_threshold, num_perm=cfg.num_perm)
 
     def add(self, doc_id: str, result, split: str) -> str | None:
         """None to keep `result` (a DocResult), else the rule (one of RULES) that removes it."""
         self.last_match = None
+        if not self._cfg.enabled:
+            return None
         if self._cfg.dedup_exact and result.exact_key:
             seen = self._exact.get(result.exact_key)
             if seen is not None:
