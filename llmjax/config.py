@@ -113,10 +113,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.head_dim = 0
 
     c.data = ml_collections.ConfigDict(dict(
-        name="stdlib",  # stdlib | text | a TFDS catalog name prepared as array_record
+        # stdlib | text | prepared (token shards of `python -m llmjax.data.prepare` in data_dir) |
+        # a TFDS catalog name prepared as array_record
+        name="stdlib",
         files="",  # glob(s) of text files, for name='text' (fine-tuning: the training JSONL file(s))
-        data_dir="",  # where built/prepared TFDS datasets live ('' = ~/.cache/llmjax/tfds)
-        text_key="text",  # the text feature of a TFDS dataset (classification: the JSON key)
+        # where built/prepared TFDS datasets live ('' = ~/.cache/llmjax/tfds); for
+        # name='prepared', the --out directory of `python -m llmjax.data.prepare`
+        data_dir="",
+        # the text feature of a TFDS dataset, or the field / column of JSONL, Parquet and Arrow
+        # data.files (classification: the JSON key)
+        text_key="text",
         split_train="train",  # the TFDS split trained on
         split_eval="validation",  # the TFDS split evaluated on
         validation_fraction=0.02,  # name='text': share of the documents held out for validation
@@ -184,6 +190,29 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.shapes_train = 20_000  # name='shapes': training examples
     c.data.shapes_validation = 1_000  # name='shapes': validation (and test) examples
     c.data.shapes_seed = 0  # name='shapes': the seed the images are drawn from
+    # Data hygiene while a local corpus (stdlib, text) is built or `llmjax.data.prepare` runs
+    # (llmjax/data/hygiene; docs/data.md#hygiene). Part of the corpus's cache key.
+    c.data.hygiene = ml_collections.ConfigDict(dict(
+        enabled=True,  # False: keep every document as it is (no dedup, scrubbing or flags)
+        dedup_exact=True,  # drop copies with the same normalised text (NFKC, case, punctuation)
+        dedup_near=True,  # drop near copies: MinHash LSH over word shingles
+        near_threshold=0.8,  # Jaccard similarity of shingle sets from which two are near copies
+        num_perm=128,  # MinHash permutations (more: a finer similarity estimate, slower)
+        shingle=5,  # words per shingle for near dedup
+        scrub_pii=True,  # replace e-mails, phones, IPs, cards, ID numbers, secrets by <TYPE>
+        quality_filter="report",  # report (flag and count, keep) | drop | off
+        min_words=50,  # quality: fewer words raise too_few_words
+        max_words=100_000,  # quality: more words raise too_many_words
+        min_mean_word_length=3.0,  # quality: a shorter mean word length raises mean_word_length
+        max_mean_word_length=10.0,  # quality: a longer mean word length raises mean_word_length
+        max_symbol_word_ratio=0.1,  # quality: more '#' and '...' per word raise symbol_word_ratio
+        max_bullet_lines_ratio=0.9,  # quality: more lines starting with a bullet raise bullet_lines
+        max_ellipsis_lines_ratio=0.3,  # quality: more lines ending in '...' raise ellipsis_lines
+        min_alpha_words_ratio=0.8,  # quality: fewer words with a letter raise alpha_words
+        max_dup_line_fraction=0.3,  # quality: more repeated lines raise duplicate_lines
+        max_top_ngram_fraction=(0.2, 0.18, 0.16),  # quality: top 2/3/4-gram share of characters
+        processes=1,  # worker processes for scrubbing and hashing (same output for any number)
+    ))
 
     c.mesh = ml_collections.ConfigDict(dict(
         shape=(-1, 1, 1),  # devices along (data, fsdp, tensor); one entry may be -1 (the rest)

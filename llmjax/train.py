@@ -144,6 +144,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_iter = make_train_iterator(config.data, tokenizer, seed=config.seed, workdir=workdir,
                                      **data_kw)
     eval_batches = make_eval_batches(config.data, tokenizer, num_batches=config.eval_steps, **data_kw)
+    if is_main:  # what hygiene removed and replaced in a local corpus, next to data_spec.json
+        data_lib.corpus.copy_hygiene_report(config.data, workdir)
 
     # ----------------------------------------------------------------------------------------
     # Initialise directly sharded, or restore the newest checkpoint onto this mesh.

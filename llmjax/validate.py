@@ -69,6 +69,9 @@ def validate_config(config, workdir: str | None = None) -> None:
                          "count from 1), e.g. --config.fault_nonfinite_steps='(5,)'.")
     _validate_task(config)
     check_eval_tasks(config)
+    if "hygiene" in config.data:  # an unknown or invalid data.hygiene setting: one sentence
+        from llmjax.data import hygiene  # pylint: disable=g-import-not-at-top
+        hygiene.HygieneConfig.from_config(config.data.hygiene)
     check_ignored_keys(config)
     paths.check_reachable(config.data.tokenizer, "data.tokenizer")
     if config.data.tokenizer and not paths.path(config.data.tokenizer).exists():
@@ -219,6 +222,9 @@ IGNORED_UNLESS = (
     (("data.shapes_train", "data.shapes_validation", "data.shapes_seed"),
      lambda c: c.data.get("name", "") == "shapes", "data.name='shapes'",
      lambda c: "set --config.data.name=shapes or drop the key"),
+    (("data.validation_fraction",), lambda c: c.data.get("name", "stdlib") != "prepared",
+     "the corpus is split at run time (a prepared one was split when `llmjax.data.prepare` ran)",
+     lambda c: "pass it to `python -m llmjax.data.prepare` instead, or drop the key"),
     (("sample.num_beams",), lambda c: c.model.get("family", "decoder") == "encoder_decoder",
      "model.family='encoder_decoder' (beam search; decoders sample with temperature, top_k, "
      "top_p)", lambda c: "drop the key (or use an encoder-decoder config)"),

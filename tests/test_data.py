@@ -92,7 +92,10 @@ def test_stdlib_corpus_has_disjoint_splits(stdlib_cfg):
     assert b"json/decoder.py" in train_paths | val_paths
     assert any(p.startswith(b"pydoc_data/topics/") for p in train_paths | val_paths)
     assert not any(p.startswith((b"test/", b"idlelib/")) or b"/tests/" in p for p in train_paths)
-    assert len(train_paths) + len(val_paths) == len(documents.stdlib_documents())
+    # Every document, less those hygiene removed (duplicates; its report counts them).
+    report = json.loads(open(corpus.hygiene_report_path(stdlib_cfg)).read())
+    assert report["total"]["documents_in"] == len(documents.stdlib_documents())
+    assert len(train_paths) + len(val_paths) == report["total"]["documents_out"]
 
 
 def test_second_prepare_reuses_the_cache(stdlib_cfg, monkeypatch):

@@ -10,10 +10,12 @@ Typical use in a trainer:
                                    num_batches=...)
   print(unigram_entropy(eval_batches))  # The loss a model must beat to have learned anything.
 
-See pipeline.py for the batch format.
+See pipeline.py for the batch format, readers.py for the file formats, and prepare.py for
+preparing a corpus once into token shards (`python -m llmjax.data.prepare`).
 """
 
-from llmjax.data.corpus import load_split, prepare, resolve_data_dir
+# (corpus.prepare builds a local corpus; the name `prepare` here is the prepare-once module.)
+from llmjax.data.corpus import load_split, resolve_data_dir
 from llmjax.data.pipeline import make_eval_batches, make_train_iterator
 from llmjax.data.stats import unigram_entropy
 from llmjax.data.tokenizer import Tokenizer, check_vocab, load_or_train_tokenizer, train_tokenizer
@@ -25,7 +27,6 @@ __all__ = [
     "load_split",
     "make_eval_batches",
     "make_train_iterator",
-    "prepare",
     "resolve_data_dir",
     "train_tokenizer",
     "unigram_entropy",

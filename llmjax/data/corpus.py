@@ -6,7 +6,10 @@
   * anything else: a TFDS catalog dataset already prepared as array_record in the data dir.
 
 Local corpora are built once into `DATA_DIR/llmjax_text/<config>/` where the config name is a hash
-of the document list, so different file sets and Python versions never share a cache entry.
+of the document list and the hygiene settings, so different file sets, Python versions and
+settings never share a cache entry. The build runs data hygiene (llmjax/data/hygiene: dedup,
+validation-leak removal, PII scrubbing, quality flags; `data.hygiene`) and writes its report next
+to the dataset (`hygiene_report.json`); `copy_hygiene_report` puts it in a run's workdir.
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ from typing import Any
 from absl import logging
 import tensorflow_datasets as tfds
 
-from llmjax import progress
+from llmjax import paths, progress
 from llmjax.data import documents as documents_lib
+from llmjax.data import hygiene as hygiene_lib
 
 DEFAULT_DATA_DIR = "~/.cache/llmjax/tfds"
 LOCAL_CORPORA = ("stdlib", "text")
 # Bump when the builder's output changes for the same inputs; it is part of every cache key.
 _FORMAT_VERSION = 1
+REPORT_NAME = "hygiene_report.json"  # next to the built dataset's dataset_info.json
+WORKDIR_REPORT_NAME = "data_hygiene.json"
 # Builders of corpora already prepared in this process, by (data_dir, config name): a second
 # `load_split` then skips re-reading the dataset info from disk.
 _PREPARED: dict[tuple[str, str], "LlmjaxText"] = {}
@@ -67,7 +73,8 @@ class LlmjaxText(tfds.core.GeneratorBasedBuilder):
         # few thousand paths in a log line help nobody. The config name is their hash.
         self._docs = tuple(docs)
         self._held_out = held_out
-        self._progress = None  # a progress bar over the documents while `prepare` builds
+        # path -> cleaned text of the documents hygiene kept; set by `prepare` before a build.
+        self._cleaned: dict[str, str] = {}
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -88,10 +95,8 @@ class LlmjaxText(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, validation: bool):
         for doc in self._docs:
-            if (doc.path in self._held_out) == validation:
-                yield doc.path, {"text": doc.read(), "path": doc.path}
-                if self._progress is not None:
-                    self._progress.update()
+            if (doc.path in self._held_out) == validation and doc.path in self._cleaned:
+                yield doc.path, {"text": self._cleaned[doc.path], "path": doc.path}
 
 
 def resolve_data_dir(data_cfg) -> str:
@@ -114,7 +119,9 @@ def prepare(data_cfg) -> LlmjaxText:
         prefix = "files"
     else:
         raise ValueError(f"prepare() builds the local corpora {LOCAL_CORPORA}, not {name!r}.")
-    config_name = f"{prefix}-{documents_lib.fingerprint(docs, fraction, _FORMAT_VERSION)}"
+    hygiene = hygiene_lib.HygieneConfig.from_config(data_cfg.get("hygiene", None))
+    digest = documents_lib.fingerprint(docs, fraction, _FORMAT_VERSION, hygiene.cache_key())
+    config_name = f"{prefix}-{digest}"
     data_dir = resolve_data_dir(data_cfg)
 
     def make_builder():
@@ -147,15 +154,52 @@ def prepare(data_cfg) -> LlmjaxText:
                 "Building corpus %s (%d documents) in %s once; later runs reuse it.",
                 config_name, len(docs), data_dir,
             )
-            with _quiet_tfds(), progress.bar(total=len(docs), desc=f"corpus {config_name}",
-                                             unit="doc") as bar:
-                builder._progress = bar  # counts each document as TFDS reads it
-                try:
-                    builder.download_and_prepare()
-                finally:
-                    builder._progress = None
+            report = _clean(builder, hygiene, desc=f"corpus {config_name}")
+            with _quiet_tfds():
+                builder.download_and_prepare()
+            report.write(os.path.join(builder.data_dir, REPORT_NAME))
+            if progress.is_main():
+                print("\n".join(report.summary_lines()), flush=True)
     _PREPARED[key] = builder
     return builder
+
+
+def _clean(builder: LlmjaxText, hygiene: hygiene_lib.HygieneConfig, desc: str):
+    """Runs hygiene over the builder's documents (held-out ones first, so a training copy of a
+    validation document is the one removed); stores the kept texts in the builder."""
+    split = lambda d: "validation" if d.path in builder._held_out else "train"
+    with progress.bar(total=len(builder._docs), desc=desc, unit="doc") as bar:
+        kept, report = hygiene_lib.clean(
+            ((d.path, split(d), d.read()) for d in builder._docs), hygiene,
+            processes=hygiene.processes, progress=bar)
+    builder._cleaned = {path: text for path, _, text in kept}
+    for name in ("train", "validation"):
+        if not any(s == name for _, s, _ in kept):
+            raise ValueError(
+                f"Data hygiene removed every {name} document of the corpus ("
+                + "; ".join(report.summary_lines()[1:]) + "); add documents, raise "
+                "data.validation_fraction, or relax data.hygiene (e.g. quality_filter='report').")
+    return report
+
+
+def hygiene_report_path(data_cfg) -> str | None:
+    """The hygiene report of the local corpus named by `data_cfg` (None for other datasets)."""
+    if data_cfg.get("name", "stdlib") not in LOCAL_CORPORA:
+        return None
+    path = os.path.join(prepare(data_cfg).data_dir, REPORT_NAME)
+    return path if os.path.exists(path) else None
+
+
+def copy_hygiene_report(data_cfg, workdir: str) -> str | None:
+    """Copies the corpus's hygiene report to WORKDIR/data_hygiene.json (local or gs://), so a
+    run says what was removed and replaced in the data it trained on; returns the copy's path."""
+    if data_cfg.get("task", "lm") != "lm" or (source := hygiene_report_path(data_cfg)) is None:
+        return None
+    target = paths.path(workdir) / WORKDIR_REPORT_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(source, encoding="utf-8") as f:
+        target.write_text(f.read())
+    return str(target)
 
 
 def load_split(data_cfg, split: str) -> TextSource:

@@ -70,7 +70,7 @@ def make_train_iterator(
     process_index, process_count = _process(process_index, process_count)
     rows = _rows_per_process(batch_size, process_count)
     split = data_cfg.get("split_train", "train")
-    source = corpus.load_split(data_cfg, split)
+    source = load_split(data_cfg, split, tokenizer)
     docs = _shard(grain.MapDataset.source(source), process_index, process_count, split, strict=True)
     if objectives.check_objective(data_cfg.get("objective", "causal_lm")) != "causal_lm":
         ds = _objective_batches(docs, data_cfg, tokenizer, seq_len, rows, seed, train=True)
@@ -117,7 +117,7 @@ def make_eval_batches(
     process_index, process_count = _process(process_index, process_count)
     rows = _rows_per_process(batch_size, process_count)
     split = data_cfg.get("split_eval", "validation")
-    source = corpus.load_split(data_cfg, split)
+    source = load_split(data_cfg, split, tokenizer)
     docs = _shard(
         grain.MapDataset.source(source), process_index, process_count, split, strict=False
     )
@@ -132,15 +132,32 @@ def make_eval_batches(
     return list(itertools.islice(iter(ds), num_batches))
 
 
+def load_split(data_cfg, split: str, tokenizer: Tokenizer):
+    """The documents of `split`: texts (a corpus) or token-id arrays (data.name='prepared', whose
+    tokenizer must be `tokenizer`); the tokenize steps below take either."""
+    if data_cfg.get("name", "stdlib") == "prepared":
+        from llmjax.data import prepare  # pylint: disable=g-import-not-at-top
+        prepare.check_tokenizer(data_cfg.get("data_dir", ""), tokenizer)
+        return prepare.PreparedSource(data_cfg.data_dir, split)
+    return corpus.load_split(data_cfg, split)
+
+
+def _with_ends(tokenizer: Tokenizer, doc: str | np.ndarray, *, bos: bool) -> np.ndarray:
+    """int32 `[bos] + ids + [eos]` (bos optional) of a text, or of a prepared document's ids."""
+    ids = doc if isinstance(doc, np.ndarray) else np.asarray(tokenizer.encode(doc), np.int32)
+    head = [tokenizer.bos_id] if bos else []
+    return np.concatenate([np.asarray(head, np.int32), ids, [tokenizer.eos_id]]).astype(np.int32)
+
+
 class _TokenizeDocument(grain.transforms.Map):
     """text -> {"inputs": t[:-1], "targets": t[1:]} with t = [bos] + encode(text) + [eos]."""
 
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
 
-    def map(self, text: str) -> dict[str, np.ndarray]:
+    def map(self, text: str | np.ndarray) -> dict[str, np.ndarray]:
         tok = self._tokenizer
-        ids = np.asarray([tok.bos_id, *tok.encode(text), tok.eos_id], dtype=np.int32)
+        ids = _with_ends(tok, text, bos=True)
         return {"inputs": ids[:-1], "targets": ids[1:]}
 
 
@@ -181,10 +198,9 @@ class _TokenizeText(grain.transforms.Map):
     def __init__(self, tokenizer: Tokenizer, *, bos: bool):
         self._tokenizer, self._bos = tokenizer, bos
 
-    def map(self, text: str) -> dict[str, np.ndarray]:
+    def map(self, text: str | np.ndarray) -> dict[str, np.ndarray]:
         tok = self._tokenizer
-        ids = [tok.bos_id] * self._bos + [*tok.encode(text), tok.eos_id]
-        return {"tokens": np.asarray(ids, dtype=np.int32)}
+        return {"tokens": _with_ends(tok, text, bos=self._bos)}
 
 
 def _objective_batches(docs: grain.MapDataset, data_cfg, tokenizer: Tokenizer, seq_len: int,

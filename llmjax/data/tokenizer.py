@@ -218,6 +218,8 @@ def load_or_train_tokenizer(data_cfg, vocab_size: int, workdir: str | os.PathLik
     of a multi-host run trains the same model from the same corpus, so it does not matter which
     host's file lands last.
     """
+    if data_cfg.get("name", "") == "prepared":
+        return _prepared_tokenizer(data_cfg, epath.Path(workdir) / "tokenizer.model")
     if path := data_cfg.get("tokenizer", ""):
         return Tokenizer.load(path)
     path = epath.Path(workdir) / "tokenizer.model"
@@ -234,6 +236,20 @@ def load_or_train_tokenizer(data_cfg, vocab_size: int, workdir: str | os.PathLik
     if progress.is_main():
         print(f"trained a {tokenizer.vocab_size}-piece tokenizer in "
               f"{time.perf_counter() - start:.1f}s: {path}", file=sys.stderr, flush=True)
+    return tokenizer
+
+
+def _prepared_tokenizer(data_cfg, workdir_copy: epath.Path) -> Tokenizer:
+    """A prepared corpus's own tokenizer (data.tokenizer, or a workdir's from an earlier run, must
+    be the same model), copied into the workdir so generate and evaluate find it there."""
+    from llmjax.data import prepare  # pylint: disable=g-import-not-at-top
+    data_dir = data_cfg.get("data_dir", "")
+    tokenizer = prepare.load_tokenizer(data_dir)
+    for other in filter(None, [data_cfg.get("tokenizer", ""),
+                               workdir_copy if workdir_copy.exists() else None]):
+        prepare.check_tokenizer(data_dir, Tokenizer.load(other))
+    if not workdir_copy.exists():
+        _write_atomically(workdir_copy, tokenizer._proto)  # pylint: disable=protected-access
     return tokenizer
 
 
