@@ -117,7 +117,7 @@ def _cfg(tmp_path, files, tok, **data):
     c.model = ml_collections.ConfigDict({"vocab_size": 512})
     c.data = ml_collections.ConfigDict(dict(
         name="text", files=files, data_dir=str(tmp_path / "tfds"), validation_fraction=0.1,
-        tokenizer=tok.path, shuffle_tokens=64, hygiene={"enabled": False}, **data))
+        tokenizer=tok.path if tok else "", shuffle_tokens=64, hygiene={"enabled": False}, **data))
     return c
 
 
@@ -247,3 +247,61 @@ def test_sidecar_marks_a_complete_shard(tmp_path, txt_corpus, tok):
     meta = pickle.loads((tmp_path / "out" / (m["shards"][0]["file"] + ".meta.pkl")).read_bytes())
     assert sum(r["written"] for r in meta["records"]) == m["shards"][0]["records"]
     assert {s["path"] for s in m["sources"]} == {f"d{i:02d}.txt" for i in range(len(TEXTS))}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl.gz", "jsonl.zst", "parquet", "txt.gz"])
+def test_a_damaged_file_is_one_sentence_naming_it(tmp_path, fmt):
+    path = tmp_path / f"bad.{fmt}"
+    if fmt == "txt.gz":
+        with gzip.open(path, "wt") as f:
+            f.write("some text " * 1000)
+    else:
+        _write(path, TEXTS * 20, fmt)
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # a copy cut short
+    with pytest.raises(ValueError) as info:
+        list(readers.read_texts(str(path)))
+    line = str(info.value)
+    assert line.startswith(f"{path} cannot be read as ") and "\n" not in line, line
+    assert "fix or remove it" in line
+
+
+def test_personal_data_never_reaches_the_token_shards(tmp_path):
+    """Planted personal data is replaced before tokenizing; duplicates are dropped; the shards
+    decode to the scrubbed texts only (the tokenizer, trained by prepare on the scrubbed corpus,
+    covers every character the secrets are made of, so a leak would decode back)."""
+    import random
+    rng = random.Random(0)
+    vocab = ["".join(rng.choice("abcdefghijklmnoprstuvw") for _ in range(rng.randint(3, 8)))
+             for _ in range(400)]
+    texts = [f"note {i}: " + " ".join(rng.choice(vocab) for _ in range(60)) for i in range(30)]
+    texts[0] += (" charset 0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ "
+                 ". - : / @ + < > _ =")
+    secrets = {"jane.doe@example.org": "<EMAIL>", "+1 415 555 0134": "<PHONE>",
+               "192.168.17.42": "<IP_ADDRESS>", "4111 1111 1111 1111": "<CREDIT_CARD>",
+               "078-05-1120": "<GOV_ID>", "AKIAIOSFODNN7EXAMPLE": "<SECRET>",
+               "hunter2pass": "<SECRET>"}
+    texts[3] += " write to jane.doe@example.org or call +1 415 555 0134 today"
+    texts[4] += " the server 192.168.17.42 took card 4111 1111 1111 1111 and ssn 078-05-1120"
+    texts[5] += " key AKIAIOSFODNN7EXAMPLE and https://admin:hunter2pass@db.internal/x"
+    look_alikes = "version 3.11.2 released 2024-10-07 sha 9f86d081884c7d659a2feaa0c55ad015"
+    texts[6] += " " + look_alikes
+    texts += [texts[7], texts[8]]  # two exact copies
+    _write(tmp_path / "c.jsonl", texts, "jsonl")
+    cfg = _cfg(tmp_path, f"{tmp_path}/c.jsonl", None, tokenizer_train_chars=100_000)
+    cfg.data.tokenizer = ""  # prepare trains one on the scrubbed corpus
+    cfg.data.hygiene = {"enabled": True}
+    manifest = prepare.prepare(cfg, tmp_path / "out", processes=1, shards=2, log=lambda *_: None)
+    tok = prepare.load_tokenizer(str(tmp_path / "out"))
+    decoded = []
+    for split in ("train", "validation"):
+        source = prepare.PreparedSource(str(tmp_path / "out"), split)
+        decoded += [tok.decode(list(source[i])) for i in range(len(source))]
+    everything = "\n".join(decoded)
+    assert len(decoded) == 30  # 32 in, the two copies out
+    assert "0123456789" in everything and "@ +" in everything  # the characters decode back
+    for secret, placeholder in secrets.items():
+        assert secret not in everything, secret
+        assert placeholder in everything, placeholder
+    assert look_alikes in everything  # versions, dates and hashes stay
+    report = json.dumps(manifest["hygiene"])
+    assert not [s for s in secrets if s in report]  # the report's examples are masked too

@@ -109,3 +109,26 @@ def test_bad_remote_workdirs_are_one_sentence(bucket, monkeypatch):
     with pytest.raises(ValueError, match="data.tokenizer=gs://llmjax-test/t.model needs gcsfs"):
         validate_config(tiny_config(**{"data.tokenizer": "gs://llmjax-test/t.model"}))
     assert not (bucket / "llmjax-test" / "runs").exists()  # a bad config writes nothing
+
+
+@pytest.mark.parametrize("fmt", ["jsonl.gz", "parquet", "txt"])
+def test_corpus_files_read_from_the_bucket(bucket, fmt):
+    """data.files on gs://: globbed and read lazily through epath, as local files are."""
+    from llmjax.data import readers
+    from tests.test_prepare import TEXTS, _write
+    local = bucket / "llmjax-test" / "corpus"
+    local.mkdir(parents=True)
+    if fmt == "txt":
+        for i, t in enumerate(TEXTS[:5]):
+            (local / f"d{i}.txt").write_text(t)
+        expected = TEXTS[:5]
+    else:
+        _write(local / f"a.{fmt}", TEXTS[:20], fmt)
+        _write(local / f"b.{fmt}", TEXTS[20:], fmt)
+        expected = TEXTS
+    files = readers.expand(f"gs://llmjax-test/corpus/*.{fmt}")
+    assert files and all(f.startswith("gs://llmjax-test/corpus/") for f in files)
+    assert [t for f in files for t in readers.read_texts(f)] == expected
+    # Two processes split the files between them and together read every record once.
+    halves = [[r[-1] for r in readers.read_shard(files, i, 2)] for i in range(2)]  # (file, i, text)
+    assert sorted(halves[0] + halves[1]) == sorted(expected)

@@ -70,7 +70,31 @@ def is_record_format(path: str) -> bool:
 
 
 def read_texts(path: str, text_key: str = "text") -> Iterator[str]:
-    """The texts of the file's records, in order (a text file: its whole content, once)."""
+    """The texts of the file's records, in order (a text file: its whole content, once). A file
+    that is damaged (a truncated or corrupt archive, a Parquet or Arrow file that does not parse)
+    is a ValueError naming it."""
+    try:
+        yield from _read_texts(path, text_key)
+    except ValueError as e:
+        if str(e).startswith(path):  # already says which file and what to do
+            raise
+        raise ValueError(_unreadable(path, e)) from None
+    except (OSError, EOFError) as e:
+        raise ValueError(_unreadable(path, e)) from None
+    except Exception as e:  # noqa: BLE001 - zstandard.ZstdError, pyarrow.ArrowInvalid, ...
+        if type(e).__module__.split(".")[0] in ("zstandard", "pyarrow", "_zstd"):
+            raise ValueError(_unreadable(path, e)) from None
+        raise
+
+
+def _unreadable(path: str, error: BaseException) -> str:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"{path} cannot be read as {format_of(path)}{_compression(path.lower())} "
+            f"({type(error).__name__}: {reason[:160]}); the file is damaged or not what its name "
+            "says: fix or remove it, or narrow data.files.")
+
+
+def _read_texts(path: str, text_key: str) -> Iterator[str]:
     fmt = format_of(path)
     if fmt == "jsonl":
         yield from _jsonl_texts(path, text_key)
@@ -163,9 +187,45 @@ def _open(path: str):
         import gzip  # pylint: disable=g-import-not-at-top
         return gzip.GzipFile(fileobj=raw)
     if c == ".zst":
-        import zstandard  # pylint: disable=g-import-not-at-top
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+        return io.BufferedReader(_ZstdReader(raw))
     return raw
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a .zst stream of one or more frames; a stream that ends inside a frame (a
+    truncated copy) is an EOFError, where zstandard's stream_reader would end quietly."""
+
+    def __init__(self, raw, chunk: int = 1 << 20):
+        import zstandard  # pylint: disable=g-import-not-at-top
+        self._zstd, self._raw, self._chunk = zstandard, raw, chunk
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._pending, self._pos, self._started = b"", 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._pos == len(self._pending):
+            self._pending, self._pos = b"", 0
+            data = self._raw.read(self._chunk)
+            if not data:
+                if self._started and not self._frame.eof:
+                    raise EOFError("the zstd stream ends in the middle of a frame (truncated)")
+                return 0
+            while data:
+                if self._frame.eof:  # the next frame of a multi-frame file
+                    self._frame = self._zstd.ZstdDecompressor().decompressobj()
+                self._started = True
+                self._pending += self._frame.decompress(data)
+                data = self._frame.unused_data if self._frame.eof else b""
+        n = min(len(buffer), len(self._pending) - self._pos)
+        buffer[:n] = memoryview(self._pending)[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self):
+        self._raw.close()
+        super().close()
 
 
 def _jsonl_texts(path: str, text_key: str) -> Iterator[str]:
