@@ -399,7 +399,9 @@ def test_fine_tuning_from_a_prepared_tfds_dataset(tmp_path):
         (tmp_path / f"doc{i}.txt").write_text(f"body {i % 2}")
     text = fh.tiny_train_config("bert", **{"data.name": "text", "data.files": str(tmp_path / "*.txt"),
                                             "data.data_dir": str(tmp_path / "tfds"),
-                                            "data.validation_fraction": 0.3}).data
+                                            "data.validation_fraction": 0.3,
+                                            # the six bodies repeat on purpose: no dedup here
+                                            "data.hygiene.enabled": False}).data
     builder = corpus.prepare(text)
     name = f"{builder.name}/{builder.builder_config.name}"
     s2s = seq2seq_config(**{"data.data_dir": str(tmp_path / "tfds"), "data.name": name,
