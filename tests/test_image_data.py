@@ -305,3 +305,14 @@ def test_vqa_evaluation_command(vqa_run, data_dir, monkeypatch, capsys):
     for kind in set(kinds):
         right = sum(1 for i, k in enumerate(kinds) if k == kind and i < 4)
         assert printed[kind]["accuracy"] == round(right / kinds.count(kind), 3)
+
+
+@pytest.mark.slow
+def test_generate_benchmark_refuses_a_multimodal_run(vqa_run):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "llmjax.generate", f"--workdir={vqa_run}",
+                          "--benchmark"], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert "a multimodal run answers about images" in last and "encoder" not in last, out.stderr
