@@ -468,6 +468,15 @@ def _sample_settings(run: Run, argv_overrides) -> Any:
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
 
+def _no_benchmark(family: str) -> str:
+    """Why --benchmark does not apply to a run of `family` (decoders and encoder-decoders only)."""
+    if family == "multimodal":
+        return ("--benchmark times text-only prompts; a multimodal run answers about images, "
+                "whose prefill it does not time: time a real request with --image and --prompt.")
+    return ("--benchmark measures decoding; an encoder run has none (fill-mask is one forward "
+            "pass).")
+
+
 def _fail(message: str):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -506,8 +515,7 @@ def main(argv):
                             "input_len", "encode_ms")
             return
         if flags.FLAGS.benchmark and run.model_cfg.family != "decoder":
-            raise ValueError("--benchmark measures decoding; an encoder run has none (fill-mask "
-                             "is one forward pass).")
+            raise ValueError(_no_benchmark(run.model_cfg.family))
         if flags.FLAGS.benchmark:
             print_benchmark(benchmark(run), "decode", "prefill", "prompt_len", "prefill_ms")
             return

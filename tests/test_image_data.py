@@ -156,8 +156,14 @@ def test_vqa_weights_cover_only_the_answer(data_dir, tokenizer):
         for s in set(seg[seg > 0]):
             scored = b["targets"][r][(seg == s) & (b["weights"][r] == 1)]
             assert scored[-1] == tokenizer.eos_id
-            assert tokenizer.decode([int(t) for t in scored[:-1]]).strip() in answers
+            answer = tokenizer.decode([int(t) for t in scored[:-1]])
+            assert answer.startswith(" ") and answer.strip() in answers
             assert b["weights"][r][seg == s][0] == 0  # the question is not scored
+    # An answer is the same tokens as the word inside a caption (what pretraining taught), not
+    # the word-initial pieces no caption contains.
+    for word in ("red", "purple", "three", "triangle"):
+        assert tokenizer.encode(image_pipeline.vqa_answer(word)) == tokenizer.encode(
+            f"a {word}")[len(tokenizer.encode("a")):]
 
 
 def test_eval_batches_repeat(data_dir, tokenizer):
@@ -231,3 +237,82 @@ def test_trainer_hooks(data_dir):
         validate.check_ignored_keys(config)
     config.data.task, config.data.name = "vqa", "shapes"
     validate.check_ignored_keys(config)
+
+
+# --- the real loop on shapes: exact resume, the held-out VQA command -----------------------------
+
+def _loop_config(data_dir, **overrides):
+    """The tiny multimodal model of test_multimodal.py (one image slot, 16x16 in 8x8 patches) on
+    the shapes data, through the real loop: 4 steps, a checkpoint every 2."""
+    from tests.test_multimodal import tiny_config
+    return tiny_config(**{
+        "model.vocab_size": 512, "model.max_images": 1, "model.max_len": 4 + 24, "seq_len": 24,
+        "batch_size": 8, "mesh.shape": (-1, 1, 1), "total_steps": 4, "checkpoint_every_steps": 2,
+        "log_every_steps": 1,
+        "eval_every_steps": 4, "eval_steps": 1, "sample.max_new_tokens": 0,
+        "data.name": "shapes", "data.task": "vqa", "data.data_dir": data_dir,
+        "data.image_size": 16, "data.max_images": 1, "data.shapes_train": 64,
+        "data.shapes_validation": 12, **overrides})
+
+
+@pytest.fixture(scope="module")
+def vqa_run(devices, data_dir, tmp_path_factory):
+    from llmjax.train import train_and_evaluate
+    workdir = tmp_path_factory.mktemp("vqa_run")
+    train_and_evaluate(_loop_config(data_dir), str(workdir))
+    return workdir
+
+
+def _losses(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+
+@pytest.mark.slow
+def test_multimodal_run_resumes_exactly(vqa_run, data_dir, tmp_path):
+    """Stopped after the checkpoint of step 2 and restarted: the image pipeline's state and the
+    model's come back, so steps 3 and 4 see the same packed batches and give the same losses."""
+    from llmjax.train import train_and_evaluate
+    train_and_evaluate(_loop_config(data_dir, stop_at_step=2), str(tmp_path))
+    train_and_evaluate(_loop_config(data_dir), str(tmp_path))
+    assert len(_losses(vqa_run)) == 4
+    assert _losses(tmp_path) == _losses(vqa_run)
+
+
+@pytest.mark.slow
+def test_vqa_evaluation_command(vqa_run, data_dir, monkeypatch, capsys):
+    from llmjax.evaluation import vqa as vqa_eval
+    examples = list(vqa.vqa_examples(_cfg(data_dir, image_size=16, shapes_train=64,
+                                          shapes_validation=12), "validation"))[:6]
+    # The real model answers every question (a string each; untrained, so not scored here).
+    result = vqa_eval.evaluate(str(vqa_run), limit=6)
+    assert result["all"]["count"] == 6
+    assert {k: v["chance"] for k, v in result.items() if k != "all"} == {
+        k: 1 / len(shapes.answer_space(k)) for k in {e["kind"] for e in examples}}
+    # Known answers: right on the first four questions (in the generated form, after a space
+    # and with a full stop), a wrong word of the right kind on the last two.
+    wrong = {"colour": "red", "count": "zero", "shape": "circle", "position": "yes"}
+    def known(run, asked, **kw):
+        assert [e["question"] for e in asked] == [e["question"] for e in examples]
+        return [f" {e['answer']}." for e in asked[:4]] + [
+            " blue" if wrong[e["kind"]] == e["answer"] else " " + wrong[e["kind"]]
+            for e in asked[4:]]
+    monkeypatch.setattr(vqa_eval, "answer", known)
+    vqa_eval.main([f"--workdir={vqa_run}", "--limit=6"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["all"] == {"accuracy": round(4 / 6, 3), "count": 6}
+    kinds = [e["kind"] for e in examples]
+    for kind in set(kinds):
+        right = sum(1 for i, k in enumerate(kinds) if k == kind and i < 4)
+        assert printed[kind]["accuracy"] == round(right / kinds.count(kind), 3)
+
+
+@pytest.mark.slow
+def test_generate_benchmark_refuses_a_multimodal_run(vqa_run):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "llmjax.generate", f"--workdir={vqa_run}",
+                          "--benchmark"], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert "a multimodal run answers about images" in last and "encoder" not in last, out.stderr

@@ -12,9 +12,11 @@ from llmjax import sharding, steps
 from llmjax.models import ModelConfig, build_model
 from tests.helpers import apply_overrides, base_config
 
-# 16x16 images in 8x8 patches: 4 image tokens per slot, 2 slots, then 8 text tokens.
-MODEL = dict(family="multimodal", vocab_size=64, d_model=32, num_layers=2, num_heads=4, mlp_dim=64,
-             max_len=32, image_size=16, patch_size=8, vision_layers=2, vision_d_model=16,
+# 16x16 images in 8x8 patches: 4 image tokens per slot, 2 slots, then 8 text tokens. One layer
+# per stack: every property tested here (masks, packing, sharding, the cache) holds per layer, and
+# the compiles dominate this file's time.
+MODEL = dict(family="multimodal", vocab_size=64, d_model=32, num_layers=1, num_heads=4, mlp_dim=64,
+             max_len=32, image_size=16, patch_size=8, vision_layers=1, vision_d_model=16,
              vision_heads=2, vision_mlp_dim=32, max_images=2)
 B, L, M, P = 2, 8, 2, 4
 
@@ -141,24 +143,28 @@ def synthetic_batches(config, n, seed=0):
     return out
 
 
-def run_losses(config, batches, devices):
+def run_losses(config, batches, devices, initial=None):
+    """(losses of training on `batches`, the initial state on the host). `initial` (a host state)
+    is placed on this mesh instead of compiling and running the initialiser again."""
     mesh = sharding.mesh_from_config(config, devices)
     with sharding.use_mesh(mesh, config.sharding_rules):
         built = steps.build(config, mesh)
-        state, losses = built.init(), []
+        state = (built.init() if initial is None
+                 else jax.device_put(initial, built.state_shardings))
+        initial, losses = jax.device_get(state), []  # the train step donates `state`
         for local in batches:
             state, m = built.train_step(state, sharding.global_batch(local, built.batch_sharding))
             losses.append(float(m["loss"]))
-    return np.array(losses)
+    return np.array(losses), initial
 
 
 def test_mesh_matches_single_device_and_learns(devices):
     config = tiny_config()
-    batches = synthetic_batches(config, 1) * 4
-    single = run_losses(config, batches, devices[:1])
+    batches = synthetic_batches(config, 1) * 3
+    single, initial = run_losses(config, batches, devices[:1])
     assert single[-1] < single[0] - 0.1, single  # a fixed batch: the loss falls
-    config.mesh.shape = (2, 2, 2)
-    sharded = run_losses(config, batches, devices)
+    config.mesh.shape = (2, 2, 2)  # data, fsdp and tensor axes all split, from the same start
+    sharded, _ = run_losses(config, batches, devices, initial)
     np.testing.assert_allclose(sharded, single, rtol=2e-5, atol=2e-5)
 
 
@@ -168,8 +174,8 @@ def test_counts_flops_and_abstract_batch():
     counts = steps.count_params(cfg)
     assert 0 < counts["vision_params"] < counts["params"]
     assert counts["non_embedding_params"] + counts["vision_params"] < counts["params"]
-    assert steps.flops_per_token(cfg, L) > steps.flops_per_token(
-        ModelConfig(**{**MODEL, "vision_layers": 1}), L)
+    assert steps.flops_per_token(ModelConfig(**{**MODEL, "vision_layers": 2}), L) > (
+        steps.flops_per_token(cfg, L))
     shapes = steps.batch_shapes(config, cfg)
     assert shapes["images"] == (8, 2, 16, 16, 3) and shapes["image_segment_ids"] == (8, 2)
 

@@ -2,7 +2,7 @@
 
 `data.task` picks the objective:
   captions  pretraining: tokens = [bos] + encode(text) + [eos]; every target is scored.
-  vqa       tokens = [bos] + encode(vqa_prompt(question)) + encode(answer) + [eos]; only the
+  vqa       tokens = [bos] + encode(vqa_prompt(question)) + encode(vqa_answer(answer)) + [eos]; the
             answer's tokens and the eos are scored (the model is not trained to ask questions).
 Sources (`image_examples`): data.name="shapes" (the synthetic dataset, shapes.py); JSONL files
 in data.files (train) / data.eval_files (evaluation), one object per line with "image" (a path
@@ -44,6 +44,13 @@ TEXT_FEATURES = ("inputs", "targets", "weights")
 def vqa_prompt(question: str) -> str:
     """The text before the answer in a VQA row; generation must prompt with exactly this."""
     return f"question: {question} answer:"
+
+
+def vqa_answer(answer: str) -> str:
+    """The answer's text as it follows the prompt: after a space, so its words are the same
+    tokens as in the captions ("▁red", not the word-initial "red" that no caption contains) and
+    what the model learned from captions carries over to the answers."""
+    return " " + answer.strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +165,7 @@ class ImageTextRow(grain.transforms.Map):
                 raise ValueError(f"data.task='vqa' needs examples with \"question\" and \"answer\" "
                                  f"(this one has {sorted(example)}); use data.task='captions'.")
             question = tok.encode(vqa_prompt(example["question"]))
-            answer = tok.encode(example["answer"]) + [tok.eos_id]
+            answer = tok.encode(vqa_answer(example["answer"])) + [tok.eos_id]
             # Too long: the question loses its start (the bos and the scored answer stay), then
             # the answer its end. A row holds seq_len + 1 tokens (inputs and targets overlap).
             keep = max(0, self.seq_len - len(answer))
@@ -243,7 +250,7 @@ def tokenizer_texts(data_cfg, max_chars: int) -> list[str]:
     for i in range(len(source)):
         example = source[i]
         for text in (example.get("text"), example.get("question") and vqa_prompt(example["question"]),
-                     example.get("answer")):
+                     example.get("answer") and vqa_answer(example["answer"])):
             if text:
                 texts.append(text)
                 total += len(text)
