@@ -210,13 +210,17 @@ class Generator(Compiled):
                                           tokens.shape[1] + steps)
             out = self._decode(params, logits, cache, next_pos, jax.random.key(seed), steps,
                                sampling, stop)
-        out = np.asarray(jax.device_get(out))
-        rows, stopped = [], []
-        for row in out.tolist():
-            cut = next((i for i, t in enumerate(row) if t in stop), None)
-            rows.append(row if cut is None else row[:cut])
-            stopped.append(cut is not None)
-        return Output(rows, stopped)
+        return _cut_at_stop(out, stop)
+
+
+def _cut_at_stop(out, stop: tuple[int, ...]) -> Output:
+    """Each generated row up to (not including) its first stop id, and whether it stopped."""
+    rows, stopped = [], []
+    for row in np.asarray(jax.device_get(out)).tolist():
+        cut = next((i for i, t in enumerate(row) if t in stop), None)
+        rows.append(row if cut is None else row[:cut])
+        stopped.append(cut is not None)
+    return Output(rows, stopped)
 
 
 class MultimodalGenerator(Generator):
@@ -279,13 +283,7 @@ class MultimodalGenerator(Generator):
                                                  image_segments, tokens.shape[1] + steps)
             out = self._decode(params, logits, cache, next_pos, jax.random.key(seed), steps,
                                sampling, stop)
-        out = np.asarray(jax.device_get(out))
-        rows, stopped = [], []
-        for row in out.tolist():
-            cut = next((i for i, t in enumerate(row) if t in stop), None)
-            rows.append(row if cut is None else row[:cut])
-            stopped.append(cut is not None)
-        return Output(rows, stopped)
+        return _cut_at_stop(out, stop)
 
 
 def generate(graphdef, model_cfg, params, prompts, **kw) -> Output:

@@ -38,10 +38,10 @@ WORKDIR_REPORT_NAME = "data_hygiene.json"
 _PREPARED: dict[tuple[str, str], "LlmjaxText"] = {}
 
 
-class LlmjaxText(tfds.core.GeneratorBasedBuilder):
-    """Local text documents with a held-out validation split; features `text` and `path`."""
+class LocalBuilder(tfds.core.GeneratorBasedBuilder):
+    """A TFDS builder for data made on this machine (nothing downloaded); every config name is
+    valid (it encodes the settings). Abstract: LlmjaxText and shapes.LlmjaxShapes build on it."""
 
-    VERSION = tfds.core.Version("1.0.0")
     # TFDS looks for a checksums file next to the builder's source via `code_path`; for a builder
     # inside a regular package that lookup needs the `importlib_resources` backport (not a
     # dependency here). We download nothing, so there are no checksums to find.
@@ -57,10 +57,16 @@ class LlmjaxText(tfds.core.GeneratorBasedBuilder):
 
     @classmethod
     def get_builder_config(cls, name: str, version=None) -> tfds.core.BuilderConfig:
-        # Every name is a valid config: it is the hash of a document list (see `prepare`). Saying so
-        # here, instead of passing a BuilderConfig object, keeps TFDS from warning about a "custom
+        # Every name is a valid config: a hash of the settings (see `prepare`). Saying so here,
+        # instead of passing a BuilderConfig object, keeps TFDS from warning about a "custom
         # data configuration" on every load.
         return tfds.core.BuilderConfig(name=name, version=version)
+
+
+class LlmjaxText(LocalBuilder):
+    """Local text documents with a held-out validation split; features `text` and `path`."""
+
+    VERSION = tfds.core.Version("1.0.0")
 
     def __init__(
         self,

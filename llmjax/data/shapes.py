@@ -172,21 +172,10 @@ def example(seed: int, split: str, index: int, size: int, taken: frozenset = fro
             "kind": kind, "objects": json.dumps(objects)}
 
 
-class LlmjaxShapes(tfds.core.GeneratorBasedBuilder):
+class LlmjaxShapes(corpus.LocalBuilder):
     """Synthetic shapes with captions and one question each; see the module docstring."""
 
     VERSION = tfds.core.Version("1.0.0")
-    code_path = None  # nothing is downloaded, so there are no checksums to look up (corpus.py)
-
-    def _log_download_bytes(self) -> None:
-        pass
-
-    def _log_download_done(self) -> None:
-        pass
-
-    @classmethod
-    def get_builder_config(cls, name: str, version=None) -> tfds.core.BuilderConfig:
-        return tfds.core.BuilderConfig(name=name, version=version)  # the name is the settings
 
     def __init__(self, *, settings: dict[str, int], **kwargs):
         self._settings = settings
