@@ -15,7 +15,8 @@ child of this parent, which
   then dies of a signal and what it printed says a peer or the coordination service went away,
   prints the watchdog's one line (naming process 0 when that is what the child lost) and exits
   with EXIT_LOST_PROCESS; any other crash is passed through whole;
-- forwards SIGTERM (preemption) and SIGINT to the child and exits with the child's status;
+- forwards SIGTERM (preemption) to the child (Ctrl-C reaches the child itself: they share the
+  process group) and exits with the child's status;
 - has the kernel kill the child if the parent itself is killed (PR_SET_PDEATHSIG), so nothing
   keeps running, or holding the accelerator, after its launcher is gone.
 
@@ -83,8 +84,9 @@ def run(command: list[str] | None = None) -> int:
     child = subprocess.Popen(command, env=env, pass_fds=(write_fd,),
                              stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
     os.close(write_fd)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda s, _frame: child.send_signal(s))
+    signal.signal(signal.SIGTERM, lambda s, _frame: child.send_signal(s))
+    # Ctrl-C reaches the child directly (same process group); forwarding it would deliver it twice.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     who: list[str] = []
     reader = threading.Thread(target=lambda: who.extend(os.fdopen(read_fd).read().split()),
