@@ -1,14 +1,16 @@
 """Image-text data: load_image, the synthetic shapes builder, the image pipeline and VQA scoring."""
 
+import io
 import json
 
 import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
+import tensorflow_datasets as tfds
 
-from llmjax.data import image_pipeline, shapes, vqa
-from llmjax.data.images import load_image
+from llmjax.data import corpus, image_pipeline, shapes, vqa
+from llmjax.data.images import load_image, normalize
 from llmjax.data.tokenizer import train_tokenizer
 
 SEQ_LEN, ROWS, MAX_IMAGES = 48, 4, 3
@@ -205,6 +207,138 @@ def test_image_folder_jsonl(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="question"):
         next(image_pipeline.make_train_iterator(cfg, tokenizer, seq_len=SEQ_LEN, batch_size=ROWS,
                                                 seed=0, process_index=0, process_count=1))
+
+
+# --- a TFDS image-text dataset, as `tfds build NAME --file_format=array_record` leaves it ---
+
+CAPTIONS = {"train": ["a red circle.", "two blue squares.", "a green triangle.",
+                      "a yellow circle and a red square.", "three purple triangles.",
+                      "a blue circle."],
+            "validation": ["a green square.", "two red circles.", "a purple square."]}
+
+
+class _TestCaptions(corpus.LocalBuilder, skip_registration=True):
+    """`image` (PNG, a different size per example, none of them square) and `text`: each image one
+    solid colour, the caption's first colour word. Not registered, so the reading process knows
+    the dataset only by its files, as it knows one that `tfds build` prepared elsewhere."""
+
+    name = "llmjax_test_captions"
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+            "text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(split) for split in CAPTIONS}
+
+    def _generate_examples(self, split):
+        for i, text in enumerate(CAPTIONS[split]):
+            png = io.BytesIO()
+            Image.new("RGB", (40 + 4 * i, 24 + 2 * i), _colour(text)).save(png, format="PNG")
+            png.seek(0)
+            yield f"{split}-{i}", {"image": png, "text": text}
+
+
+class _TestTextOnly(corpus.LocalBuilder, skip_registration=True):
+    name = "llmjax_test_text_only"
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        yield 0, {"text": "a red circle."}
+
+
+def _colour(text):
+    return shapes.COLOURS[next(w for w in text.split() if w in shapes.COLOURS)]
+
+
+@pytest.fixture(scope="module")
+def captions_dir(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("user_tfds"))
+    with corpus._quiet_tfds():
+        for builder in (_TestCaptions, _TestTextOnly):
+            builder(data_dir=folder, file_format="array_record").download_and_prepare()
+    return folder
+
+
+def _tfds_cfg(captions_dir, **kw):
+    return ml_collections.ConfigDict({**dict(
+        name="llmjax_test_captions", task="captions", data_dir=captions_dir, image_size=32,
+        max_images=MAX_IMAGES, resize_images=True, split_train="train",
+        split_eval="validation"), **kw})
+
+
+def _segments(b, tokenizer):
+    """(caption, its images) of every text segment of batch `b`."""
+    found = []
+    for r in range(ROWS):
+        seg, img = b["segment_ids"][r], b["image_segment_ids"][r]
+        for s in sorted(set(seg[seg > 0])):
+            targets = b["targets"][r][seg == s]
+            assert targets[-1] == tokenizer.eos_id
+            text = tokenizer.decode([int(t) for t in targets[:-1]])
+            found.append((text, b["images"][r][img == s]))
+    return found
+
+
+def test_tfds_image_text_dataset_from_files(captions_dir, tokenizer):
+    """A TFDS dataset the process has no code for, prepared as array_record: read from its files,
+    resized to data.image_size, each caption with its own image, and resumed exactly."""
+    assert "llmjax_test_captions" not in tfds.list_builders(with_community_datasets=False)
+    assert isinstance(tfds.builder("llmjax_test_captions", data_dir=captions_dir),
+                      tfds.core.read_only_builder.ReadOnlyBuilder)
+    cfg = _tfds_cfg(captions_dir)
+    assert sorted(image_pipeline.tokenizer_texts(cfg, 10_000)) == sorted(CAPTIONS["train"])
+    make = lambda: image_pipeline.make_train_iterator(cfg, tokenizer, seq_len=SEQ_LEN,
+                                                       batch_size=ROWS, seed=5, process_index=0,
+                                                       process_count=1)
+    it = make()
+    seen = set()
+    for _ in range(3):
+        _check_batch(b := next(it))
+        assert ((b["weights"] == 1) == (b["segment_ids"] > 0)).all()
+        for text, pixels in _segments(b, tokenizer):
+            assert text in CAPTIONS["train"], text
+            assert pixels.shape == (1, 32, 32, 3)  # resized from 40x24 and up
+            want = normalize(np.asarray(_colour(text), np.uint8))
+            np.testing.assert_allclose(pixels[0], np.broadcast_to(want, (32, 32, 3)), atol=1e-6)
+            seen.add(text)
+    assert seen == set(CAPTIONS["train"])
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(3)]
+    restored = make()
+    restored.set_state(state)
+    for want, got in zip(expected, (next(restored) for _ in range(3))):
+        for k in want:
+            np.testing.assert_array_equal(want[k], got[k], err_msg=k)
+    evals = image_pipeline.make_eval_batches(cfg, tokenizer, seq_len=SEQ_LEN, batch_size=ROWS,
+                                             num_batches=1, process_index=0, process_count=1)
+    _check_batch(evals[0])
+    assert {t for t, _ in _segments(evals[0], tokenizer)} == set(CAPTIONS["validation"])
+
+
+def test_tfds_image_text_dataset_errors(captions_dir, tokenizer):
+    def first_batch(**kw):
+        return next(image_pipeline.make_train_iterator(
+            _tfds_cfg(captions_dir, **kw), tokenizer, seq_len=SEQ_LEN, batch_size=ROWS, seed=0,
+            process_index=0, process_count=1))
+    for kw, words in [(dict(resize_images=False), ["not the expected 32x32", "data.resize_images"]),
+                      (dict(name="llmjax_test_missing"), ["'llmjax_test_missing'", "not prepared",
+                                                          "tfds build llmjax_test_missing"]),
+                      (dict(name="llmjax_test_text_only"), ["no feature 'image'", "['text']"])]:
+        with pytest.raises(ValueError) as e:
+            first_batch(**kw)
+        message = str(e.value)
+        assert all(w in message for w in words), message
+        assert "\n" not in message and message.endswith("."), message
 
 
 def test_vqa_chance_levels_and_accuracy(data_dir):

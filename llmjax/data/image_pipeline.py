@@ -72,13 +72,23 @@ def image_examples(data_cfg, split: str) -> Sequence[dict[str, Any]]:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     data_dir, tfds_split = corpus.resolve_data_dir(data_cfg), _tfds_split(data_cfg, split)
     try:
-        source = tfds.data_source(name, split=tfds_split, data_dir=data_dir, download=False,
-                                  decoders={"image": tfds.decode.SkipDecoding()})
+        # What tfds.data_source(..., download=False) does, with the features looked at first: a
+        # decoder for a feature the dataset lacks fails deep in TFDS ("Error while flattening
+        # dict"), before _RecordSource could say that the image is missing.
+        builder = tfds.builder(name, data_dir=data_dir)
+        features = sorted(builder.info.features.keys())
+        source = builder.as_data_source(
+            split=tfds_split,
+            decoders={"image": tfds.decode.SkipDecoding()} if "image" in features else None)
     except (tfds.core.registered.DatasetNotFoundError, NotImplementedError, FileNotFoundError,
             AssertionError) as e:
         raise ValueError(f"TFDS dataset {name!r} (split {tfds_split!r}) is not prepared as "
                          f"array_record in {data_dir}; prepare it with `tfds build {name} "
                          f"--file_format=array_record --data_dir={data_dir}`.") from e
+    if "image" not in features:
+        raise ValueError(f"TFDS dataset {name!r} has no feature 'image' (it has {features}); "
+                         "image-text data needs an 'image' feature and 'text' (or 'question' and "
+                         "'answer') features.")
     return _RecordSource(source, text_key=data_cfg.get("text_key", "text"))
 
 
