@@ -80,8 +80,9 @@ def test_shapes_are_deterministic_and_match_their_text():
             drawn = int(np.all(pixels == rgb, axis=-1).sum())
             assert (drawn > 0) == any(o["colour"] == name for o in objects), (i, name)
         assert [o["x"] for o in objects] == sorted(o["x"] for o in objects)
-        for o in objects:  # every shape's colour is at its centre
+        for o in objects:  # every shape's colour is at its centre, the centre of a grid cell
             assert tuple(pixels[o["y"], o["x"]]) == shapes.COLOURS[o["colour"]]
+            assert o["x"] % 8 == o["y"] % 8 == 4 and 3 <= o["r"] <= 4
         for o in objects:
             assert o["colour"] in e["text"] and o["shape"] in e["text"]
         assert e["answer"] in shapes.answer_space(e["kind"])

@@ -6,7 +6,16 @@ answers that can be checked, so a short run shows whether the model learned to l
 
 Each example is rendered from its own seed (split seed, index) with Pillow: 1-4 shapes (circle,
 square, triangle) in distinct columns of a `size` x `size` canvas (so "left of" is unambiguous),
-each in one of `COLOURS`, drawn without antialiasing so every pixel is exactly a palette colour.
+each centred in a cell of a 4 x 4 grid and at least three quarters as wide, in one of `COLOURS`,
+drawn without antialiasing so every pixel is exactly a palette colour.
+
+Two choices make both what and which colour a shape is learnable by a small ViT in a few CPU
+minutes (measured with configs/multimodal_small.py:runlocal, whose 8-pixel patches are the 32-pixel
+image's cells). Pastel colours: with pure colours (255, 0, 0) on black the colour carried 61% of a
+patch's pixel variance and the shape 7%, and captioning taught the ViT colour alone (99% of its
+output variance, shape 0.1%; shapes at chance after 2,400 steps); with the components at 128
+instead of 0, shape won and colour was never learned; at 80 both are. Shapes centred in cells: a
+shape straddling two patches was not learned at all in 800 steps.
 Features:
   image     PNG-encoded uint8 [size, size, 3]
   text      a caption, e.g. "two red circles and a blue square. the red circle is left of the
@@ -33,15 +42,16 @@ import tensorflow_datasets as tfds
 from llmjax import progress
 from llmjax.data import corpus
 
-COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
-           "yellow": (255, 255, 0), "purple": (160, 32, 240)}
+# Pastel: every colour lights all three channels (see the module docstring for why).
+COLOURS = {"red": (255, 80, 80), "green": (80, 255, 80), "blue": (80, 80, 255),
+           "yellow": (255, 255, 80), "purple": (210, 80, 255)}
 SHAPES = ("circle", "square", "triangle")
 MAX_SHAPES = 4
 NUMBERS = ("zero", "one", "two", "three", "four")
 KINDS = ("colour", "count", "shape", "position")
 SPLITS = ("train", "validation", "test")
 # Bump when the rendering or the text changes for the same settings; it is part of the cache key.
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 DEFAULTS = {"image_size": 32, "train": 20_000, "validation": 1_000, "test": 1_000, "seed": 0}
 
 
@@ -70,9 +80,9 @@ def layout(seed: int, split: str, index: int, size: int) -> list[dict[str, Any]]
     columns = sorted(rng.choice(MAX_SHAPES, n, replace=False).tolist())
     objects = []
     for col in columns:
-        r = int(rng.integers(max(2, cell * 3 // 10), cell // 2 + 1))  # half the shape's width
+        r = int(rng.integers(max(2, cell * 4 // 10), cell // 2 + 1))  # half the shape's width
         x = col * cell + cell // 2
-        y = int(rng.integers(r, size - r))
+        y = int(rng.integers(MAX_SHAPES)) * cell + cell // 2
         objects.append({"shape": SHAPES[rng.integers(len(SHAPES))],
                         "colour": list(COLOURS)[rng.integers(len(COLOURS))], "x": x, "y": y, "r": r})
     return objects
