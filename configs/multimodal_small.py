@@ -19,7 +19,7 @@ What it reaches, measured only for :runlocal (docs/multimodal.md has the details
 steps then 900 VQA steps, 254 s in all on 2 CPU cores; held-out questions
 (python -m llmjax.evaluation.vqa --workdir=/tmp/mm_local_vqa --limit=1000): colour 0.730 (chance
 0.20, blind majority answer 0.23), count 0.942 (chance 0.20, majority 0.37), shape 0.996 (chance
-0.33), position 0.488 (chance 0.50: not learned). Seed 1 gives colour 0.84, count 0.46, shape 1.00.
+0.33), position 0.488 (chance 0.50: not learned). Seeds 1 and 2: colour 0.84 / 0.81, count 0.46 / 0.95, shape 1.00 / 1.00.
 The full-size variants were not trained here.
 """
 

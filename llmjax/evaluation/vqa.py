@@ -1,6 +1,6 @@
 """Held-out VQA accuracy of a multimodal run on the shapes dataset, per question kind vs chance.
 
-    python -m llmjax.evaluation.vqa --workdir=/tmp/mm_local_vqa [--split=validation] [--limit=200]
+    python -m llmjax.evaluation.vqa --workdir=/tmp/mm_local_vqa [--split=validation] [--limit=1000]
 
 Why a command of its own: the text tasks (tasks.py) hand prompts to an `lm.LM`, which has no
 images; here every question comes with its image. Each question is asked as in training
