@@ -51,7 +51,7 @@ NUMBERS = ("zero", "one", "two", "three", "four")
 KINDS = ("colour", "count", "shape", "position")
 SPLITS = ("train", "validation", "test")
 # Bump when the rendering or the text changes for the same settings; it is part of the cache key.
-_FORMAT_VERSION = 4
+_FORMAT_VERSION = 3
 DEFAULTS = {"image_size": 32, "train": 20_000, "validation": 1_000, "test": 1_000, "seed": 0}
 
 
