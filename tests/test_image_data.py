@@ -127,6 +127,18 @@ def _check_batch(b, image_size=32):
             assert list(b["positions"][r][seg == s]) == list(range(int((seg == s).sum())))
 
 
+def _assert_resumes_exactly(it, make, steps: int):
+    """A fresh iterator from `make()` given `it`'s state (as the checkpoint stores it, JSON) yields
+    the same next `steps` batches as `it`."""
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(steps)]
+    restored = make()
+    restored.set_state(state)
+    for want, got in zip(expected, (next(restored) for _ in range(steps))):
+        for k in want:
+            np.testing.assert_array_equal(want[k], got[k], err_msg=k)
+
+
 def test_caption_batches_and_exact_resume(data_dir, tokenizer):
     cfg = _cfg(data_dir)
     make = lambda: image_pipeline.make_train_iterator(cfg, tokenizer, seq_len=SEQ_LEN,
@@ -139,13 +151,7 @@ def test_caption_batches_and_exact_resume(data_dir, tokenizer):
     # Shapes draws one image per example: each text segment has exactly one image.
     seg = b["segment_ids"][0]
     assert sorted(b["image_segment_ids"][0][b["image_segment_ids"][0] > 0]) == sorted(set(seg[seg > 0]))
-    state = json.loads(json.dumps(it.get_state()))  # as the checkpoint stores it
-    expected = [next(it) for _ in range(4)]
-    restored = make()
-    restored.set_state(state)
-    for want, got in zip(expected, (next(restored) for _ in range(4))):
-        for k in want:
-            np.testing.assert_array_equal(want[k], got[k], err_msg=k)
+    _assert_resumes_exactly(it, make, 4)
 
 
 def test_vqa_weights_cover_only_the_answer(data_dir, tokenizer):
@@ -313,13 +319,7 @@ def test_tfds_image_text_dataset_from_files(captions_dir, tokenizer):
             np.testing.assert_allclose(pixels[0], np.broadcast_to(want, (32, 32, 3)), atol=1e-6)
             seen.add(text)
     assert seen == set(CAPTIONS["train"])
-    state = json.loads(json.dumps(it.get_state()))
-    expected = [next(it) for _ in range(3)]
-    restored = make()
-    restored.set_state(state)
-    for want, got in zip(expected, (next(restored) for _ in range(3))):
-        for k in want:
-            np.testing.assert_array_equal(want[k], got[k], err_msg=k)
+    _assert_resumes_exactly(it, make, 3)
     evals = image_pipeline.make_eval_batches(cfg, tokenizer, seq_len=SEQ_LEN, batch_size=ROWS,
                                              num_batches=1, process_index=0, process_count=1)
     _check_batch(evals[0])
