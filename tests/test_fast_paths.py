@@ -189,3 +189,53 @@ def test_low_precision_matmuls_match_float32(n_in):
     table = jnp.asarray(rng.normal(size=(7, x.shape[-1])), jnp.float32)
     check(low_precision_attend, lambda x, t: jnp.einsum("...d,vd->...v", x.astype(jnp.float32), t),
           x, table)
+
+
+def test_low_precision_einsum_and_bias_match_float32():
+    """The attention contractions of a bfloat16 model (float32 accumulation in the backward
+    einsums too) and the bias whose gradient is summed in float32 agree with float32 autodiff."""
+    from llmjax.models.layers import add_bias, low_precision_einsum
+    rng = np.random.default_rng(5)
+    a = jnp.asarray(rng.normal(size=(2, 3, 6, 4)), jnp.bfloat16)
+    b = jnp.asarray(rng.normal(size=(2, 3, 5, 4)), jnp.bfloat16)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    for spec in ("bkqd,bksd->bkqs", "bkqd,bksd->bksq"):
+        got = jax.grad(lambda a, b: (low_precision_einsum(spec, a, b) ** 2).sum(), (0, 1))(a, b)
+        want = jax.grad(lambda a, b: (jnp.einsum(spec, a, b) ** 2).sum(), (0, 1))(f32(a), f32(b))
+        for g, w in zip(got, want):
+            assert g.dtype == jnp.bfloat16
+            np.testing.assert_allclose(f32(g), w, rtol=3e-2, atol=3e-2 * float(jnp.abs(w).max()))
+    y = jnp.asarray(rng.normal(size=(4, 300, 6)), jnp.bfloat16)
+    bias = jnp.asarray(rng.normal(size=(6,)), jnp.float32)
+    got = jax.grad(lambda bias: (f32(add_bias(y, bias)) ** 2).sum())(bias)
+    want = jax.grad(lambda bias: ((f32(y) + bias.astype(jnp.bfloat16)) ** 2).sum())(bias)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-2)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
+def test_attention_matches_a_plain_float64_reference(heads, kv_heads):
+    """The heads-major attention (query groups merged into rows) against a per-head loop in
+    float64, with a padded, packed mask and an additive bias."""
+    from llmjax.models.layers import attention_mask, dot_product_attention
+    rng = np.random.default_rng(6)
+    b, t, d = 2, 7, 8
+    q = rng.normal(size=(b, t, heads, d))
+    k, v = rng.normal(size=(2, b, t, kv_heads, d))
+    bias = rng.normal(size=(b, heads, t, t))
+    seg = np.array([[1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    mask = attention_mask(jnp.asarray(seg), jnp.asarray(seg), causal=True)
+    got = dot_product_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), mask,
+                                jnp.asarray(bias, jnp.float32)[:, :, None].reshape(
+                                    b, kv_heads, heads // kv_heads, t, t))
+    m = np.asarray(mask)[:, 0, 0]
+    want = np.zeros_like(q)
+    for i in range(b):
+        for h in range(heads):
+            kh = h // (heads // kv_heads)
+            logits = q[i, :, h] @ k[i, :, kh].T / np.sqrt(d) + bias[i, h]
+            logits = np.where(m[i], logits, -np.inf)
+            p = np.exp(logits - logits.max(-1, keepdims=True))
+            want[i, :, h] = (p / p.sum(-1, keepdims=True)) @ v[i, :, kh]
+    real = seg != 0
+    np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=2e-5)
