@@ -1,6 +1,7 @@
 """Measure a config's train step: tokens/s, MFU, step time, compile time, peak memory.
 
     python -m llmjax.benchmark --config=configs/gpt_small.py:runlocal --steps=10
+    python -m llmjax.benchmark --config=configs/gpt_small.py:bench_tiny --profile=/tmp/prof
 
 Runs the real jitted train step (same sharding, donation and optimizer as training) on synthetic
 token batches, so the figures do not depend on the data pipeline. Prints one readable summary and
@@ -34,6 +35,10 @@ WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 COMPARE = flags.DEFINE_enum("compare", None, ["torch"], "Also time the PyTorch reference step "
                             "(benchmarks/torch_gpt.py) of the same shape and print the ratio.")
 ROUNDS = flags.DEFINE_integer("rounds", 3, "--compare: alternating rounds of --steps steps each.")
+PROFILE = flags.DEFINE_string("profile", None, "Also trace --profile_steps steps with "
+                              "jax.profiler into this directory and print the costliest XLA "
+                              "operations (llmjax/op_profile.py).")
+PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "--profile: steps to trace.")
 TORCH_MODES = flags.DEFINE_list("torch_modes", ["eager", "compile"],
                                 "--compare: the PyTorch modes to time (eager, compile).")
 
@@ -98,7 +103,21 @@ class LlmjaxStep:
         return times
 
 
-def benchmark(config, steps: int, warmup: int) -> dict:
+    def profile(self, trace_dir: str, n: int) -> str:
+        """Traces n steps with jax.profiler into trace_dir; returns the per-operation table."""
+        import jax
+
+        from llmjax import op_profile
+        jax.profiler.start_trace(trace_dir)
+        try:
+            self.time_steps(n)
+        finally:
+            jax.profiler.stop_trace()
+        return op_profile.table(trace_dir, self.compiled.as_text(), n)
+
+
+def benchmark(config, steps: int, warmup: int, profile_dir: str | None = None,
+              profile_steps: int = 3) -> dict:
     import jax
     import numpy as np
 
@@ -109,6 +128,7 @@ def benchmark(config, steps: int, warmup: int) -> dict:
     built = engine.built
     engine.time_steps(warmup)
     times = engine.time_steps(steps)
+    profile = engine.profile(profile_dir, profile_steps) if profile_dir else None
 
     step_s = float(np.median(times))
     fpt = steps_lib.flops_per_token(built.model_cfg, config.seq_len,
@@ -128,6 +148,7 @@ def benchmark(config, steps: int, warmup: int) -> dict:
         "mfu": round(metrics.mfu(tokens_per_sec, fpt, jax.device_count(), peak), 4),
         "peak_flops_per_device": peak, "flops_per_token": fpt,
         "peak_memory_bytes_per_device": compiled_peak_bytes(engine.compiled),
+        **({"profile": profile} if profile else {}),
     }
 
 
@@ -302,6 +323,10 @@ def print_compare(r: dict):
 def main(argv):
     del argv
     config = cli.require_config()
+    if PROFILE.value is None and PROFILE_STEPS.present:
+        cli.fail("--profile_steps applies only with --profile=DIR; add --profile=DIR.")
+    if COMPARE.value and PROFILE.value:
+        cli.fail("--profile traces llmjax's step alone; run it without --compare.")
     if COMPARE.value:
         # JAX would otherwise take 75% of the GPU's memory up front, leaving torch little.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -312,9 +337,13 @@ def main(argv):
         print_compare(r)
         return
     try:
-        r = benchmark(config, STEPS.value, WARMUP.value)
+        r = benchmark(config, STEPS.value, WARMUP.value, PROFILE.value, PROFILE_STEPS.value)
     except ValueError as e:
         cli.fail(str(e))
+    profile = r.pop("profile", None)
+    if profile:
+        print(profile + f"\n(trace: {PROFILE.value}; TensorBoard's profile plugin or "
+              "ui.perfetto.dev show it on a timeline)\n")
     mem = r["peak_memory_bytes_per_device"]
     print(f"{r['device']} x{r['devices']} mesh {r['mesh']}: {r['params']:,} params, "
           f"batch {r['batch_size']}x{r['seq_len']} {r['dtype']}\n"

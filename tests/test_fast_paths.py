@@ -239,3 +239,25 @@ def test_attention_matches_a_plain_float64_reference(heads, kv_heads):
             want[i, :, h] = (p / p.sum(-1, keepdims=True)) @ v[i, :, kh]
     real = seg != 0
     np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=2e-5)
+
+
+@pytest.mark.parametrize("block", [3, 4, 16])
+def test_causal_blocks_give_the_whole_attention(block):
+    """Causal attention a block of query rows at a time (the masked upper triangle skipped) gives
+    the whole attention's outputs and gradients, with packed and padded rows, grouped-query heads
+    and a block that does not divide the length."""
+    from llmjax.models.layers import attention_mask, causal_attention, dot_product_attention
+    rng = np.random.default_rng(7)
+    b, t, d = 2, 10, 8
+    q = jnp.asarray(rng.normal(size=(b, t, 4, d)), jnp.float32)
+    k, v = jnp.asarray(rng.normal(size=(2, b, t, 2, d)), jnp.float32)
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 3, 0, 0], [1] * 10])
+    mask = attention_mask(seg, seg, causal=True)
+    whole = lambda q, k, v: dot_product_attention(q, k, v, mask)  # noqa: E731
+    blocked = lambda q, k, v: causal_attention(q, k, v, mask, block)  # noqa: E731
+    np.testing.assert_allclose(blocked(q, k, v), whole(q, k, v), atol=1e-6)
+    loss = lambda f: lambda *a: (f(*a) ** 2).sum()  # noqa: E731
+    got = jax.grad(loss(blocked), (0, 1, 2))(q, k, v)
+    want = jax.grad(loss(whole), (0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5)

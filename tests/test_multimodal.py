@@ -53,7 +53,8 @@ def model():
                                            batch["image_segment_ids"])
         from llmjax.models.multimodal import prefix_lm_mask
         n = M * P
-        return logits, mm._blocks(x, prefix_lm_mask(segments[:, :n], segments[:, n:]), pos, None)
+        return logits, mm._blocks(x, prefix_lm_mask(segments[:, :n], segments[:, n:]), pos, None,
+                                  causal=False)
 
     return cfg, graphdef, params, everything
 

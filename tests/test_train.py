@@ -95,15 +95,24 @@ def test_describe_prints_one_json_line():
     assert info["flops_per_token"] > 6 * info["params"]
 
 
-def test_benchmark_prints_its_figures():
+def test_benchmark_prints_its_figures(tmp_path):
     out = run_cli("llmjax.benchmark", "--config=configs/llama2_7b.py:runlocal", "--steps=2",
                   "--warmup=1", "--config.batch_size=8", "--config.seq_len=64",
-                  "--config.mesh.shape=(2,2,2)")
+                  "--config.mesh.shape=(2,2,2)", f"--profile={tmp_path}", "--profile_steps=2")
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for key in ("tokens_per_sec", "mfu", "step_time_ms", "compile_s", "peak_memory_bytes_per_device"):
         assert result[key] > 0, key
     assert result["mesh"] == [2, 2, 2] and result["devices"] == 8
+    # The per-operation profile: rows of ms per step, named by their source operations.
+    lines = out.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if "XLA operations; the 25 costliest" in line)
+    rows = [line.split() for line in lines[head + 2:head + 27]]
+    assert all(float(r[0]) >= 0 and r[1].endswith("%") for r in rows), rows
+    assert any("dot_general" in line for line in lines[head + 2:head + 27]), lines[head:head + 27]
+    assert list(tmp_path.glob("plugins/profile/*/*.trace.json.gz"))
+    bad = run_cli("llmjax.benchmark", "--config=configs/llama2_7b.py:runlocal", "--profile_steps=2")
+    assert bad.returncode != 0 and "--profile_steps applies only with --profile" in bad.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -46,6 +46,10 @@ class ModelConfig:
     # applies, else xla) | xla (portable) | cudnn (fused kernel, NVIDIA GPUs, bf16/fp16) |
     # splash (Pallas TPU flash kernel, decoder; Pallas interpret mode elsewhere, for tests)
     attention: str = "auto"
+    # Decoders under attention 'xla': causal self-attention takes the queries this many rows at a
+    # time, each block reading only the keys up to its last row, which skips the masked upper
+    # triangle (up to half the attention work); 0: the whole [length, length] logits at once
+    causal_block: int = 128
     # Encoder and encoder-decoder families (models/encoder.py, models/encoder_decoder.py).
 
     num_decoder_layers: int = 0  # encoder_decoder: 0 = same as num_layers (the encoder's)
@@ -112,6 +116,9 @@ class ModelConfig:
         if self.attention == "cudnn" and (self.dropout_rate > 0 or self.dtype == "float32"):
             raise ValueError("model.attention='cudnn' needs model.dtype bfloat16 or float16 and "
                              "model.dropout_rate=0; use model.attention='xla' otherwise.")
+        if self.causal_block < 0:
+            raise ValueError(f"model.causal_block={self.causal_block} must be >= 0 (0: whole "
+                             "sequences at once).")
         if self.attention == "splash" and self.dropout_rate > 0:
             from llmjax.models.splash import unsupported_reason
             raise ValueError(unsupported_reason(dropout_rate=self.dropout_rate))
@@ -128,6 +135,7 @@ class ModelConfig:
             "scale_decoder_output": ("encoder_decoder",), "init": ("encoder_decoder",),
             "post_norm": ("encoder", "encoder_decoder"), "position_offset": ("encoder", "encoder_decoder"),
             "scale_attention": ("encoder", "encoder_decoder"),
+            "causal_block": ("decoder", "multimodal"),
             "scale_embeddings": ("encoder", "encoder_decoder"),
             **{k: ("multimodal",) for k in ("image_size", "patch_size", "vision_layers",
                                             "vision_d_model", "vision_heads", "vision_mlp_dim",

@@ -64,9 +64,9 @@ class DecoderBlock(nnx.Module):
         self.mlp = L.Mlp(cfg, rngs=rngs, out_std=out_std, dtype=dtype, param_dtype=pdtype)
         self.dropout_rate = cfg.dropout_rate
 
-    def __call__(self, x, mask, positions, key=None, cache=None):
+    def __call__(self, x, mask, positions, key=None, cache=None, causal=False):
         keys = jax.random.split(key, 3) if key is not None else (None,) * 3
-        h = self.attn(self.attn_norm(x), mask, positions, keys[0], cache=cache)
+        h = self.attn(self.attn_norm(x), mask, positions, keys[0], cache=cache, causal=causal)
         if cache is not None:
             h, cache = h
         x = x + L.dropout(h, self.dropout_rate, keys[1])
@@ -133,17 +133,18 @@ class Decoder(nnx.Module):
         # Splash builds its causal mask from the segment ids inside the kernel.
         mask = (segment_ids if cfg.attention == "splash"
                 else L.attention_mask(segment_ids, segment_ids, causal=True))
-        return self.final_norm(self._blocks(x, mask, positions, None if keys is None else keys[:-1]))
+        return self.final_norm(self._blocks(x, mask, positions,
+                                            None if keys is None else keys[:-1], causal=True))
 
-    def _blocks(self, x, mask, positions, keys):
+    def _blocks(self, x, mask, positions, keys, *, causal: bool):
         """The scanned (and rematerialised) blocks under `mask`; `keys`: one dropout key per layer
-        or None."""
+        or None; `causal`: `mask` lets no query see a later key."""
         cfg = self.cfg
         graphdef, stacked = nnx.split(self.layers)
 
         def block(x, layer):
             state, key = layer
-            return nnx.merge(graphdef, state)(x, mask, positions, key), None
+            return nnx.merge(graphdef, state)(x, mask, positions, key, causal=causal), None
 
         policy = REMAT_POLICIES[cfg.remat_policy]
         if cfg.remat_policy != "none":

@@ -119,7 +119,7 @@ class MultimodalDecoder(Decoder):
                                                     image_segment_ids, dropout_key)
         n_img = segments.shape[1] - tokens.shape[1]
         mask = prefix_lm_mask(segments[:, :n_img], segments[:, n_img:])
-        x = self._blocks(x, mask, all_pos, keys)
+        x = self._blocks(x, mask, all_pos, keys, causal=False)  # the prefix is bidirectional
         return self.final_norm(x[:, n_img:])
 
     def prefill(self, tokens, segment_ids, positions, images, image_segment_ids, cache):
