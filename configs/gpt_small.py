@@ -22,11 +22,12 @@ eager and torch.compile, alternating rounds in one process, ratio llmjax/torch; 
     python -m llmjax.benchmark --config=configs/gpt_small.py --compare=torch --config.batch_size=4 \
         --config.model.dtype=bfloat16
 :bench_tiny is a 5.3M-parameter GPT-2 (4 layers, d_model 256, 4 heads, MLP 1024, vocabulary
-8192) on batches of 8 x 256 tokens, float32.
-Measured 2026-12-02 on 2 AMD EPYC cores, llmjax / PyTorch 2.13 alternating: tiny float32 2,805
-tokens/s (0.89x eager, 0.72x torch.compile); GPT-2 small float32 at batch 4 x 1024 with
---config.model.remat_policy=minimal --config.loss_chunk=256: 108 tokens/s (0.96x eager, 0.78x
-compiled; 4.4 GiB compiled peak against 13.3 GiB without those two).
+8192) on batches of 8 x 256 tokens, float32, remat 'minimal', loss_chunk 64.
+Measured 2026-12-07 on 2 Intel Xeon cores (AMX), llmjax / PyTorch 2.13 alternating: tiny float32
+3,556 tokens/s (0.78x eager, 0.70x torch.compile), bfloat16 6,115 (0.65x torch.compile's 9,445);
+GPT-2 small at batch 4 x 1024 with --config.model.remat_policy=minimal --config.loss_chunk=256:
+float32 158 tokens/s (0.68x torch.compile), bfloat16 241 (0.33x: PyTorch's AMX bfloat16 reaches
+722). docs/performance.md has the table and what limits it.
 """
 
 from llmjax.config import GPT2_STYLE, base_config, gpt2_recipe, parse_arg, runlocal
