@@ -9,8 +9,8 @@ On a laptop CPU, the same architecture shrunk to run in minutes:
     python -m llmjax.main --config=configs/gpt_small.py:runlocal --workdir=/tmp/gpt_small_local
 OpenWebText-scale corpora reach val loss ~2.9 after ~600k steps of 0.5M tokens (published
 GPT-2 replications). On the stdlib corpus (hygiene on: 715 training documents), :runlocal (bash
-scripts/train.sh) measured 2026-12-02 on 2 CPU cores: eval loss 3.51 (perplexity 33) after its
-1000 steps, 9k-12.5k tokens/s (the machine's load), 3.5-4.5 minutes; its curves:
+scripts/train.sh) measured 2026-12-07 on 2 Intel CPU cores: eval loss 3.51 (perplexity 33) after
+its 1000 steps, 10.6k-11.8k tokens/s (2026-12-02, AMD: 9k-12.5k), 3.5 minutes; its curves:
 docs/main_job_curves.png; its scores on the shipped evaluation tasks: docs/evaluation.md.
 
 Benchmark the train step against the PyTorch reference of the same shape (benchmarks/torch_gpt.py;
