@@ -88,6 +88,7 @@ ROWS = {
     "splash with dropout": ({"model.attention": "splash", "model.dropout_rate": 0.1},
                             "attention='splash' has no attention dropout"),
     "cudnn in float32": ({"model.attention": "cudnn"}, "attention='cudnn' needs model.dtype"),
+    "negative causal block": ({"model.causal_block": -1}, "model.causal_block=-1 must be >= 0"),
     # Config against the devices.
     "mesh needs more devices": ({"mesh.shape": (16, 1, 1)}, "needs 16 devices but 8 are available"),
     "mesh with two -1": ({"mesh.shape": (-1, -1, 1)}, "has more than one -1"),
